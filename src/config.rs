@@ -1,0 +1,226 @@
+//! The daemon's settings, read once from the environment (and an optional
+//! `.env`, loaded by `main`) and validated before any work starts. The names
+//! are those of the builder we replace, so operators' files keep working.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::Url;
+
+use crate::redact::Secret;
+
+/// A setting that is missing or malformed; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, problem: impl Into<String>) -> Self {
+        ConfigError {
+            var,
+            problem: problem.into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub redis: RedisSettings,
+    pub queue_name: String,
+    pub cancel_channel: String,
+    /// Base URL of the dashboard API, without a trailing slash.
+    pub api_url: Url,
+    pub api_key: Secret,
+    pub aws_region: String,
+    pub work_dir: PathBuf,
+    pub log_level: String,
+    pub build_timeout: Duration,
+    /// Names this worker's processing list in Redis; stable across restarts
+    /// of the same host so that a restarted daemon finds its interrupted jobs.
+    pub worker_id: String,
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `lookup`, so tests need not touch the process
+    /// environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let or_default = |name: &str, default: &str| get(name).unwrap_or_else(|| default.to_owned());
+
+        let redis = RedisSettings {
+            host: or_default("REDIS_HOST", "127.0.0.1"),
+            port: parse_number("REDIS_PORT", get("REDIS_PORT"), 6379)?,
+            username: get("REDIS_USERNAME"),
+            password: get("REDIS_PASSWORD").map(Secret::new),
+        };
+
+        let api_url = get("API_URL").ok_or_else(|| {
+            ConfigError::new(
+                "API_URL",
+                "not set; the dashboard API base URL, e.g. http://127.0.0.1:3000/api",
+            )
+        })?;
+        let api_url = parse_api_url(&api_url)?;
+        let api_key = get("API_KEY")
+            .map(Secret::new)
+            .ok_or_else(|| ConfigError::new("API_KEY", "not set; the key the dashboard API expects in x-api-key"))?;
+        let aws_region = get("AWS_REGION").ok_or_else(|| {
+            ConfigError::new(
+                "AWS_REGION",
+                "not set; the AWS region of the ECR registry, e.g. us-east-1",
+            )
+        })?;
+
+        let log_level = or_default("LOG_LEVEL", "info");
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(ConfigError::new(
+                "LOG_LEVEL",
+                format!("{log_level:?} is not a level (error, warn, info, debug, trace) or a filter"),
+            ));
+        }
+
+        let build_timeout_secs: u64 = parse_number("BUILD_TIMEOUT_SECS", get("BUILD_TIMEOUT_SECS"), 3600)?;
+        if build_timeout_secs == 0 {
+            return Err(ConfigError::new("BUILD_TIMEOUT_SECS", "must be at least 1"));
+        }
+
+        let queue_name = or_default("REDIS_QUEUE_NAME", "builder-queue");
+        let worker_id = get("WORKER_ID").unwrap_or_else(default_worker_id);
+        if worker_id.contains(char::is_whitespace) {
+            return Err(ConfigError::new("WORKER_ID", "must not contain whitespace"));
+        }
+
+        Ok(Config {
+            redis,
+            queue_name,
+            cancel_channel: or_default("REDIS_CANCEL_CHANNEL_NAME", "builder:cancel"),
+            api_url,
+            api_key,
+            aws_region,
+            work_dir: PathBuf::from(or_default("WORK_DIR", "/tmp/builds")),
+            log_level,
+            build_timeout: Duration::from_secs(build_timeout_secs),
+            worker_id,
+        })
+    }
+}
+
+fn parse_number<T: std::str::FromStr>(var: &'static str, value: Option<String>, default: T) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::new(var, format!("{v:?} is not a valid number"))),
+    }
+}
+
+fn parse_api_url(value: &str) -> Result<Url, ConfigError> {
+    let url =
+        Url::parse(value.trim_end_matches('/')).map_err(|e| ConfigError::new("API_URL", format!("not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::new("API_URL", "must be an http:// or https:// URL"));
+    }
+    if url.password().is_some() || !url.username().is_empty() {
+        return Err(ConfigError::new(
+            "API_URL",
+            "must not carry credentials; the API key goes in API_KEY",
+        ));
+    }
+    Ok(url)
+}
+
+fn default_worker_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "builder".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    const MINIMAL: &[(&str, &str)] = &[
+        ("API_URL", "http://127.0.0.1:3000/api/"),
+        ("API_KEY", "k"),
+        ("AWS_REGION", "us-east-1"),
+    ];
+
+    #[test]
+    fn minimal_config_gets_the_old_builders_defaults() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.queue_name, "builder-queue");
+        assert_eq!(c.cancel_channel, "builder:cancel");
+        assert_eq!(c.redis.host, "127.0.0.1");
+        assert_eq!(c.redis.port, 6379);
+        assert_eq!(c.api_url.as_str(), "http://127.0.0.1:3000/api");
+        assert_eq!(c.work_dir, PathBuf::from("/tmp/builds"));
+        assert_eq!(c.build_timeout, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn each_required_setting_is_named_when_missing() {
+        for missing in ["API_URL", "API_KEY", "AWS_REGION"] {
+            let vars: Vec<_> = MINIMAL.iter().copied().filter(|(k, _)| *k != missing).collect();
+            let err = load(&vars).unwrap_err();
+            assert_eq!(err.var, missing);
+            assert!(err.to_string().starts_with(missing), "{err}");
+        }
+    }
+
+    #[test]
+    fn malformed_values_are_named() {
+        let cases = [
+            ("REDIS_PORT", "sixty"),
+            ("REDIS_PORT", "70000"),
+            ("API_URL", "not a url"),
+            ("API_URL", "ftp://x/api"),
+            ("API_URL", "https://user:pw@host/api"),
+            ("LOG_LEVEL", "loud=="),
+            ("BUILD_TIMEOUT_SECS", "0"),
+            ("BUILD_TIMEOUT_SECS", "-5"),
+        ];
+        for (var, value) in cases {
+            let mut vars: Vec<_> = MINIMAL.iter().copied().filter(|(k, _)| *k != var).collect();
+            vars.push((var, value));
+            let err = load(&vars).unwrap_err();
+            assert_eq!(err.var, var, "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let mut vars = MINIMAL.to_vec();
+        vars.push(("REDIS_PASSWORD", "redis-pw-123"));
+        vars.push(("API_KEY", "api-key-456"));
+        let c = load(&vars).unwrap();
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("redis-pw-123") && !debug.contains("api-key-456"),
+            "{debug}"
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! Turning a checkout into an image: the build context ([`context`], with
+//! Docker's `.dockerignore` rules in [`dockerignore`]) and the Docker Engine
+//! ([`docker`]).
+
+pub mod context;
+pub mod docker;
+pub mod dockerignore;

@@ -1,0 +1,40 @@
+//! deployra-builder: the build worker of the Deployra platform.
+//!
+//! A job's path through the program, module by module:
+//!
+//! 1. [`worker`] takes a job from the Redis list named by `REDIS_QUEUE_NAME`
+//!    through [`queue`], which moves it atomically into this worker's
+//!    processing list so that a crash never loses it. A payload that is not a
+//!    job at all goes to the dead-letter list; everything else becomes a
+//!    [`job::Job`] and is validated into a [`job::BuildSpec`].
+//! 2. [`pipeline`] runs one job under its own cancellation token and root
+//!    span: [`git`] fetches exactly the commit to build, [`workspace`] writes
+//!    the job's `.env` and `.dockerignore`, [`image::context`] streams the
+//!    build context as a tar honouring `.dockerignore`, [`image::docker`]
+//!    builds and pushes through the Docker Engine API, and
+//!    [`registry::ecr`] provides the repository and the push credentials.
+//! 3. Every status and every line of build output goes to the dashboard
+//!    through [`dashboard`]: statuses are retried, output is batched by a
+//!    [`dashboard::LogShipper`] so a chatty build is never slowed down by
+//!    its own reporting. [`redact`] masks every secret of the job before any
+//!    text leaves the process.
+//! 4. When the final status is delivered the worker acknowledges the job,
+//!    removing it from the processing list.
+//!
+//! [`config`] turns the environment into a validated [`config::Config`]
+//! before any of this starts; `main` only wires the pieces together.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod dashboard;
+pub mod envfile;
+pub mod error;
+pub mod git;
+pub mod image;
+pub mod job;
+pub mod pipeline;
+pub mod queue;
+pub mod redact;
+pub mod registry;
+pub mod worker;
+pub mod workspace;

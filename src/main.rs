@@ -1,0 +1,117 @@
+//! `deployra-builder`: loads and checks the configuration, connects the
+//! clients, and runs the worker until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use deployra_builder::config::Config;
+use deployra_builder::dashboard::{Dashboard, ShipperLimits};
+use deployra_builder::image::docker::Engine;
+use deployra_builder::pipeline::Services;
+use deployra_builder::queue::{self, Queue, QueueNames};
+use deployra_builder::registry::ecr::Ecr;
+use deployra_builder::worker::Worker;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+/// sysexits' EX_CONFIG: systemd and operators can tell a bad setting from a
+/// crash.
+const EX_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    if let Err(e) = dotenvy::dotenv() {
+        if !e.not_found() {
+            eprintln!("deployra-builder: .env: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    }
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("deployra-builder: configuration error: {e}");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("deployra-builder: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("deployra-builder: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let docker = Engine::connect()
+        .await
+        .context("cannot reach the Docker Engine (DOCKER_HOST or /var/run/docker.sock)")?;
+    docker
+        .ping()
+        .await
+        .context("the Docker Engine does not answer (DOCKER_HOST or /var/run/docker.sock)")?;
+    let dashboard =
+        Dashboard::new(config.api_url.clone(), config.api_key.clone()).context("cannot set up the HTTP client")?;
+    let redis = queue::client(&config.redis).context("REDIS_HOST/REDIS_PORT")?;
+    let queue = Queue::new(redis, QueueNames::new(&config.queue_name, &config.worker_id));
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("WORK_DIR: cannot create {}", config.work_dir.display()))?;
+
+    let services = Services {
+        docker,
+        ecr: Ecr::from_env().await,
+        dashboard: dashboard.clone(),
+        work_dir: config.work_dir.clone(),
+        build_timeout: config.build_timeout,
+        log_limits: ShipperLimits::default(),
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tracing::info!(
+        queue = %config.queue_name,
+        worker_id = %config.worker_id,
+        "deployra-builder ready"
+    );
+    Worker {
+        queue,
+        services,
+        dashboard,
+        worker_id: config.worker_id.clone(),
+    }
+    .run(shutdown)
+    .await;
+    Ok(())
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot listen for signals; stop the daemon with SIGKILL");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing the running job, then exiting"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing the running job, then exiting"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,371 @@
+//! One job, from checkout to BUILDED: the steps, their reporting, and the
+//! cleanup afterwards. Owns the job's root span.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::dashboard::{
+    Dashboard, ImageData, LogLine, LogShipper, LogSink, LogType, ShipperLimits, Status, StatusReport,
+};
+use crate::error::JobError;
+use crate::git::{self, FetchRequest};
+use crate::image::docker::{BuildRequest, Engine};
+use crate::job::{short, BuildSpec};
+use crate::redact::Redactor;
+use crate::registry::ecr::{self, Ecr};
+use crate::workspace;
+
+/// What every job needs; cheap to clone.
+#[derive(Clone)]
+pub struct Services {
+    pub docker: Engine,
+    pub ecr: Ecr,
+    pub dashboard: Dashboard,
+    pub work_dir: PathBuf,
+    pub build_timeout: Duration,
+    pub log_limits: ShipperLimits,
+}
+
+/// How a job ended, as reported to the dashboard.
+#[derive(Debug)]
+pub enum Outcome {
+    Builded { image_uri: String },
+    Failed(JobError),
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Builded { .. } => "builded",
+            Outcome::Failed(_) => "failed",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Runs a validated job to its final status. Never fails: every error
+/// becomes FAILED (or CANCELLED) on the dashboard. Returns the outcome and
+/// whether the final status reached the dashboard.
+pub async fn run(services: &Services, spec: BuildSpec, cancel: CancellationToken) -> (Outcome, bool) {
+    let span = tracing::info_span!("job", deployment_id = %spec.deployment_id, service_id = %spec.service_id);
+    run_in_span(services, spec, cancel).instrument(span).await
+}
+
+async fn run_in_span(services: &Services, spec: BuildSpec, cancel: CancellationToken) -> (Outcome, bool) {
+    let started = Instant::now();
+    let redactor = spec.redactor();
+    tracing::info!(source = %spec.describe(), "job started");
+    let building = StatusReport {
+        status: Status::Building,
+        logs: Some(LogLine {
+            text: format!("Starting build of {}", spec.describe()),
+            kind: LogType::Info,
+        }),
+        error: None,
+        data: None,
+    };
+    if let Err(e) = services.dashboard.status(&spec.deployment_id, &building).await {
+        tracing::error!(error = %e, "could not report BUILDING; building anyway");
+    }
+
+    let shipper = LogShipper::start(
+        services.dashboard.clone(),
+        spec.deployment_id.clone(),
+        redactor.clone(),
+        services.log_limits,
+    );
+    let job_token = cancel.child_token();
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let timer = tokio::spawn({
+        let token = job_token.clone();
+        let timed_out = timed_out.clone();
+        let timeout = services.build_timeout;
+        async move {
+            tokio::time::sleep(timeout).await;
+            timed_out.store(true, Ordering::SeqCst);
+            token.cancel();
+        }
+    });
+
+    let workdir = services.work_dir.join(dir_name(&spec.deployment_id));
+    let mut local_tags = Vec::new();
+    let result = build(services, &spec, &workdir, &job_token, &shipper.sink(), &mut local_tags).await;
+    timer.abort();
+    let result = match result {
+        Err(e) if e.is_cancelled() && timed_out.load(Ordering::SeqCst) => {
+            Err(JobError::TimedOut(services.build_timeout))
+        }
+        other => other,
+    };
+
+    let outcome = match result {
+        Ok(image_uri) => Outcome::Builded { image_uri },
+        Err(e) if e.is_cancelled() => Outcome::Cancelled,
+        Err(e) => Outcome::Failed(e),
+    };
+    let report = final_report(&outcome, &redactor, &shipper.sink());
+    shipper.finish().await;
+    let delivered = match services.dashboard.status(&spec.deployment_id, &report).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, status = ?report.status, "could not report the final status");
+            false
+        }
+    };
+    match &outcome {
+        Outcome::Builded { image_uri } => {
+            tracing::info!(image = %image_uri, elapsed_ms = started.elapsed().as_millis() as u64, "job builded")
+        }
+        Outcome::Failed(e) => {
+            tracing::warn!(kind = e.kind(), error = %redactor.redact(&e.to_string()), elapsed_ms = started.elapsed().as_millis() as u64, "job failed")
+        }
+        Outcome::Cancelled => tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "job cancelled"),
+    }
+    cleanup(services, &workdir, &local_tags).await;
+    (outcome, delivered)
+}
+
+fn final_report(outcome: &Outcome, redactor: &Redactor, log: &LogSink) -> StatusReport {
+    match outcome {
+        Outcome::Builded { image_uri } => StatusReport {
+            status: Status::Builded,
+            logs: Some(LogLine {
+                text: format!("Image pushed: {image_uri}"),
+                kind: LogType::Info,
+            }),
+            error: None,
+            data: Some(ImageData {
+                container_image_uri: image_uri.clone(),
+                container_registry_type: "ecr",
+            }),
+        },
+        Outcome::Failed(e) => {
+            let error = one_line(&redactor.redact(&e.to_string()));
+            log.line(LogType::Error, &format!("Build failed: {error}"));
+            StatusReport {
+                status: Status::Failed,
+                logs: None,
+                error: Some(error),
+                data: None,
+            }
+        }
+        Outcome::Cancelled => StatusReport {
+            status: Status::Cancelled,
+            logs: Some(LogLine {
+                text: "Build cancelled".to_owned(),
+                kind: LogType::Info,
+            }),
+            error: None,
+            data: None,
+        },
+    }
+}
+
+/// The dashboard shows `error` on one line; engine messages can span many.
+fn one_line(text: &str) -> String {
+    let joined = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if joined.len() <= 500 {
+        return joined;
+    }
+    let mut cut = 500;
+    while !joined.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &joined[..cut])
+}
+
+/// A deployment id may hold any printable character; the directory name is
+/// made of the safe ones plus a hash, so two ids never share a directory.
+fn dir_name(deployment_id: &str) -> String {
+    let safe: String = deployment_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let hash = deployment_id.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    format!("{safe}-{hash:016x}")
+}
+
+async fn race<T>(
+    token: &CancellationToken,
+    work: impl std::future::Future<Output = Result<T, JobError>>,
+) -> Result<T, JobError> {
+    tokio::select! {
+        biased;
+        _ = token.cancelled() => Err(JobError::Cancelled),
+        result = work => result,
+    }
+}
+
+async fn step<T>(
+    name: &'static str,
+    work: impl std::future::Future<Output = Result<T, JobError>>,
+) -> Result<T, JobError> {
+    let started = Instant::now();
+    tracing::info!(step = name, "step started");
+    let result = work.instrument(tracing::info_span!("step", name)).await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match &result {
+        Ok(_) => tracing::info!(step = name, elapsed_ms, "step finished"),
+        Err(e) => tracing::info!(step = name, elapsed_ms, kind = e.kind(), "step ended with an error"),
+    }
+    result
+}
+
+async fn build(
+    services: &Services,
+    spec: &BuildSpec,
+    workdir: &Path,
+    token: &CancellationToken,
+    log: &LogSink,
+    local_tags: &mut Vec<String>,
+) -> Result<String, JobError> {
+    let commit = step("clone", async {
+        prepare_dir(workdir).await?;
+        log.info(&format!("Fetching {} ({})", spec.source.url, spec.branch));
+        let source = spec.source.clone();
+        let branch = spec.branch.clone();
+        let commit = spec.commit.clone();
+        let dest = workdir.to_owned();
+        let cancel = token.clone();
+        let sha = tokio::task::spawn_blocking(move || {
+            let req = FetchRequest {
+                source: &source,
+                branch: &branch,
+                commit: commit.as_deref(),
+            };
+            git::checkout(&req, &dest, &cancel)
+        })
+        .await
+        .map_err(|e| JobError::Internal(format!("git task: {e}")))??;
+        log.info(&format!("Checked out commit {sha}"));
+        Ok(sha)
+    })
+    .await?;
+
+    step("prepare", async {
+        workspace::write_env(workdir, &spec.env)?;
+        workspace::extend_dockerignore(workdir)?;
+        if !workspace::dockerfile_exists(workdir, &spec.dockerfile)? {
+            return Err(JobError::NoDockerfile(spec.dockerfile.clone()));
+        }
+        Ok(())
+    })
+    .await?;
+
+    let repository = ecr::repository_name(&spec.service_id);
+    let (repo_uri, credentials) = step(
+        "registry",
+        race(token, async {
+            let uri = services.ecr.ensure_repository(&repository).await?;
+            let credentials = services.ecr.push_credentials(&uri).await?;
+            Ok((uri, credentials))
+        }),
+    )
+    .await?;
+
+    let commit_tag = format!("{repo_uri}:{commit}");
+    step(
+        "build",
+        race(token, async {
+            log.info(&format!("Building {} with {}", short(&commit), spec.dockerfile));
+            local_tags.push(commit_tag.clone());
+            let req = BuildRequest {
+                root: workdir.to_owned(),
+                dockerfile: spec.dockerfile.clone(),
+                tag: commit_tag.clone(),
+            };
+            services.docker.build(&req, log).await.map_err(JobError::Build)?;
+            Ok(())
+        }),
+    )
+    .await?;
+
+    let digest = step(
+        "push",
+        race(token, async {
+            services
+                .docker
+                .tag(&commit_tag, &repo_uri, "latest")
+                .await
+                .map_err(JobError::Push)?;
+            local_tags.push(format!("{repo_uri}:latest"));
+            log.info(&format!("Pushing {repo_uri}"));
+            let digest = services
+                .docker
+                .push(&repo_uri, &commit, &credentials, log)
+                .await
+                .map_err(JobError::Push)?;
+            services
+                .docker
+                .push(&repo_uri, "latest", &credentials, log)
+                .await
+                .map_err(JobError::Push)?;
+            Ok(digest)
+        }),
+    )
+    .await?;
+    Ok(format!("{repo_uri}@{digest}"))
+}
+
+async fn prepare_dir(dir: &Path) -> Result<(), JobError> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)
+    })
+    .await
+    .map_err(|e| JobError::Internal(format!("workdir task: {e}")))?
+    .map_err(|e| JobError::Internal(format!("cannot create the work directory: {e}")))
+}
+
+async fn cleanup(services: &Services, workdir: &Path, local_tags: &[String]) {
+    for tag in local_tags {
+        if let Err(e) = services.docker.remove_tag(tag).await {
+            tracing::warn!(image = %tag, error = %e, "could not remove a local image tag");
+        }
+    }
+    let dir = workdir.to_owned();
+    let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    })
+    .await;
+    if let Ok(Err(e)) = removed {
+        tracing::warn!(dir = %workdir.display(), error = %e, "could not remove the work directory");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_names_are_safe_and_distinct() {
+        let a = dir_name("../../etc");
+        assert!(!a.contains('/') && !a.contains(".."), "{a}");
+        assert_ne!(dir_name("a/b"), dir_name("a_b"));
+    }
+
+    #[test]
+    fn errors_are_folded_to_one_line() {
+        assert_eq!(one_line("a\n  b\tc\n"), "a b c");
+        assert!(one_line(&"é".repeat(400)).ends_with('…'));
+    }
+}
