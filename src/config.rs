@@ -46,6 +46,11 @@ pub struct Config {
     pub work_dir: PathBuf,
     pub log_level: String,
     pub build_timeout: Duration,
+    /// How many builds run at once.
+    pub concurrency: usize,
+    /// On SIGTERM, how long running builds may take to finish before they
+    /// are stopped and put back in the queue.
+    pub shutdown_grace: Duration,
     /// Names this worker's processing list in Redis; stable across restarts
     /// of the same host so that a restarted daemon finds its interrupted jobs.
     pub worker_id: String,
@@ -98,6 +103,11 @@ impl Config {
         if build_timeout_secs == 0 {
             return Err(ConfigError::new("BUILD_TIMEOUT_SECS", "must be at least 1"));
         }
+        let concurrency: usize = parse_number("BUILD_CONCURRENCY", get("BUILD_CONCURRENCY"), 1)?;
+        if !(1..=64).contains(&concurrency) {
+            return Err(ConfigError::new("BUILD_CONCURRENCY", "must be between 1 and 64"));
+        }
+        let shutdown_grace_secs: u64 = parse_number("SHUTDOWN_GRACE_SECS", get("SHUTDOWN_GRACE_SECS"), 300)?;
 
         let queue_name = or_default("REDIS_QUEUE_NAME", "builder-queue");
         let worker_id = get("WORKER_ID").unwrap_or_else(default_worker_id);
@@ -115,6 +125,8 @@ impl Config {
             work_dir: PathBuf::from(or_default("WORK_DIR", "/tmp/builds")),
             log_level,
             build_timeout: Duration::from_secs(build_timeout_secs),
+            concurrency,
+            shutdown_grace: Duration::from_secs(shutdown_grace_secs),
             worker_id,
         })
     }
@@ -179,6 +191,8 @@ mod tests {
         assert_eq!(c.api_url.as_str(), "http://127.0.0.1:3000/api");
         assert_eq!(c.work_dir, PathBuf::from("/tmp/builds"));
         assert_eq!(c.build_timeout, Duration::from_secs(3600));
+        assert_eq!(c.concurrency, 1);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(300));
     }
 
     #[test]
@@ -202,6 +216,9 @@ mod tests {
             ("LOG_LEVEL", "loud=="),
             ("BUILD_TIMEOUT_SECS", "0"),
             ("BUILD_TIMEOUT_SECS", "-5"),
+            ("BUILD_CONCURRENCY", "0"),
+            ("BUILD_CONCURRENCY", "many"),
+            ("SHUTDOWN_GRACE_SECS", "soon"),
         ];
         for (var, value) in cases {
             let mut vars: Vec<_> = MINIMAL.iter().copied().filter(|(k, _)| *k != var).collect();

@@ -25,7 +25,9 @@
 //! before any of this starts; `main` only wires the pieces together.
 #![forbid(unsafe_code)]
 
+pub mod cancel;
 pub mod config;
+pub mod control;
 pub mod dashboard;
 pub mod envfile;
 pub mod error;

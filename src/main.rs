@@ -2,15 +2,16 @@
 //! clients, and runs the worker until SIGTERM or SIGINT.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use deployra_builder::config::Config;
 use deployra_builder::dashboard::{Dashboard, ShipperLimits};
 use deployra_builder::image::docker::Engine;
 use deployra_builder::pipeline::Services;
-use deployra_builder::queue::{self, Queue, QueueNames};
+use deployra_builder::queue::{self, Keys, Queue};
 use deployra_builder::registry::ecr::Ecr;
-use deployra_builder::worker::Worker;
+use deployra_builder::worker::{self, WorkerConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +62,9 @@ fn init_tracing(config: &Config) {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+
     let docker = Engine::connect()
         .await
         .context("cannot reach the Docker Engine (DOCKER_HOST or /var/run/docker.sock)")?;
@@ -70,10 +74,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("the Docker Engine does not answer (DOCKER_HOST or /var/run/docker.sock)")?;
     let dashboard =
         Dashboard::new(config.api_url.clone(), config.api_key.clone()).context("cannot set up the HTTP client")?;
-    let redis = queue::client(&config.redis).context("REDIS_HOST/REDIS_PORT")?;
-    let queue = Queue::new(redis, QueueNames::new(&config.queue_name, &config.worker_id));
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("WORK_DIR: cannot create {}", config.work_dir.display()))?;
+    let redis = queue::client(&config.redis).context("REDIS_HOST/REDIS_PORT")?;
+    let Some(queue) = connect_queue(&redis, &config, &shutdown).await else {
+        return Ok(());
+    };
 
     let services = Services {
         docker,
@@ -83,22 +89,36 @@ async fn run(config: Config) -> anyhow::Result<()> {
         build_timeout: config.build_timeout,
         log_limits: ShipperLimits::default(),
     };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
-    tracing::info!(
-        queue = %config.queue_name,
-        worker_id = %config.worker_id,
-        "deployra-builder ready"
-    );
-    Worker {
-        queue,
-        services,
-        dashboard,
-        worker_id: config.worker_id.clone(),
-    }
-    .run(shutdown)
-    .await;
+    tracing::info!(queue = %config.queue_name, worker_id = %config.worker_id, "connected to Redis and Docker");
+    let worker = WorkerConfig {
+        concurrency: config.concurrency,
+        shutdown_grace: config.shutdown_grace,
+        cancel_channel: config.cancel_channel.clone(),
+    };
+    worker::run(redis, queue, services, dashboard, worker, shutdown).await;
     Ok(())
+}
+
+/// Waits for Redis at start: a builder host may boot before Redis does.
+async fn connect_queue(redis: &redis::Client, config: &Config, shutdown: &CancellationToken) -> Option<Queue> {
+    let mut backoff = Duration::from_millis(250);
+    let mut logged = false;
+    loop {
+        match Queue::connect(redis, Keys::new(&config.queue_name), &config.worker_id).await {
+            Ok(queue) => return Some(queue),
+            Err(e) => {
+                if !logged {
+                    tracing::error!(host = %config.redis.host, port = config.redis.port, error = %e, "cannot connect to Redis; retrying");
+                    logged = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {
@@ -110,8 +130,8 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         }
     };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: finishing the running job, then exiting"),
-        _ = int.recv() => tracing::info!("SIGINT: finishing the running job, then exiting"),
+        _ = term.recv() => tracing::info!("SIGTERM: no new jobs; finishing running builds, then exiting"),
+        _ = int.recv() => tracing::info!("SIGINT: no new jobs; finishing running builds, then exiting"),
     }
     shutdown.cancel();
 }

@@ -2,13 +2,12 @@
 //! cleanup afterwards. Owns the job's root span.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::control::{JobControl, StopReason};
 use crate::dashboard::{
     Dashboard, ImageData, LogLine, LogShipper, LogSink, LogType, ShipperLimits, Status, StatusReport,
 };
@@ -31,12 +30,17 @@ pub struct Services {
     pub log_limits: ShipperLimits,
 }
 
-/// How a job ended, as reported to the dashboard.
+/// How a job ended.
 #[derive(Debug)]
 pub enum Outcome {
-    Builded { image_uri: String },
+    Builded {
+        image_uri: String,
+    },
     Failed(JobError),
     Cancelled,
+    /// Stopped by the builder's shutdown; no final status was sent and the
+    /// job belongs back in the queue.
+    Interrupted,
 }
 
 impl Outcome {
@@ -45,19 +49,28 @@ impl Outcome {
             Outcome::Builded { .. } => "builded",
             Outcome::Failed(_) => "failed",
             Outcome::Cancelled => "cancelled",
+            Outcome::Interrupted => "interrupted",
         }
     }
 }
 
-/// Runs a validated job to its final status. Never fails: every error
-/// becomes FAILED (or CANCELLED) on the dashboard. Returns the outcome and
-/// whether the final status reached the dashboard.
-pub async fn run(services: &Services, spec: BuildSpec, cancel: CancellationToken) -> (Outcome, bool) {
-    let span = tracing::info_span!("job", deployment_id = %spec.deployment_id, service_id = %spec.service_id);
-    run_in_span(services, spec, cancel).instrument(span).await
+/// What the worker needs to settle the job.
+#[derive(Debug)]
+pub struct Finished {
+    pub outcome: Outcome,
+    /// Whether the dashboard accepted the final status.
+    pub delivered: bool,
 }
 
-async fn run_in_span(services: &Services, spec: BuildSpec, cancel: CancellationToken) -> (Outcome, bool) {
+/// Runs a validated job until it ends. Never fails: every error becomes
+/// FAILED (or CANCELLED) on the dashboard. `control` stops it: a cancel, the
+/// build timeout (armed here), or the builder's shutdown.
+pub async fn run(services: &Services, spec: BuildSpec, control: JobControl) -> Finished {
+    let span = tracing::info_span!("job", deployment_id = %spec.deployment_id, service_id = %spec.service_id);
+    run_in_span(services, spec, control).instrument(span).await
+}
+
+async fn run_in_span(services: &Services, spec: BuildSpec, control: JobControl) -> Finished {
     let started = Instant::now();
     let redactor = spec.redactor();
     tracing::info!(source = %spec.describe(), "job started");
@@ -80,59 +93,69 @@ async fn run_in_span(services: &Services, spec: BuildSpec, cancel: CancellationT
         redactor.clone(),
         services.log_limits,
     );
-    let job_token = cancel.child_token();
-    let timed_out = Arc::new(AtomicBool::new(false));
     let timer = tokio::spawn({
-        let token = job_token.clone();
-        let timed_out = timed_out.clone();
+        let control = control.clone();
         let timeout = services.build_timeout;
         async move {
             tokio::time::sleep(timeout).await;
-            timed_out.store(true, Ordering::SeqCst);
-            token.cancel();
+            control.stop(StopReason::TimedOut);
         }
     });
 
     let workdir = services.work_dir.join(dir_name(&spec.deployment_id));
     let mut local_tags = Vec::new();
-    let result = build(services, &spec, &workdir, &job_token, &shipper.sink(), &mut local_tags).await;
+    let result = build(
+        services,
+        &spec,
+        &workdir,
+        control.token(),
+        &shipper.sink(),
+        &mut local_tags,
+    )
+    .await;
     timer.abort();
-    let result = match result {
-        Err(e) if e.is_cancelled() && timed_out.load(Ordering::SeqCst) => {
-            Err(JobError::TimedOut(services.build_timeout))
-        }
-        other => other,
-    };
 
     let outcome = match result {
         Ok(image_uri) => Outcome::Builded { image_uri },
-        Err(e) if e.is_cancelled() => Outcome::Cancelled,
+        Err(e) if e.is_cancelled() => match control.reason() {
+            Some(StopReason::TimedOut) => Outcome::Failed(JobError::TimedOut(services.build_timeout)),
+            Some(StopReason::Shutdown) => Outcome::Interrupted,
+            Some(StopReason::Cancelled) | None => Outcome::Cancelled,
+        },
         Err(e) => Outcome::Failed(e),
     };
-    let report = final_report(&outcome, &redactor, &shipper.sink());
-    shipper.finish().await;
-    let delivered = match services.dashboard.status(&spec.deployment_id, &report).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::error!(error = %e, status = ?report.status, "could not report the final status");
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let delivered = match final_report(&outcome, &redactor, &shipper.sink()) {
+        Some(report) => {
+            shipper.finish().await;
+            match services.dashboard.status(&spec.deployment_id, &report).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, status = ?report.status, "could not report the final status");
+                    false
+                }
+            }
+        }
+        None => {
+            shipper.sink().info("The builder is restarting; this build was stopped and put back in the queue, it will start again shortly");
+            shipper.finish().await;
             false
         }
     };
     match &outcome {
-        Outcome::Builded { image_uri } => {
-            tracing::info!(image = %image_uri, elapsed_ms = started.elapsed().as_millis() as u64, "job builded")
-        }
+        Outcome::Builded { image_uri } => tracing::info!(image = %image_uri, elapsed_ms, "job builded"),
         Outcome::Failed(e) => {
-            tracing::warn!(kind = e.kind(), error = %redactor.redact(&e.to_string()), elapsed_ms = started.elapsed().as_millis() as u64, "job failed")
+            tracing::warn!(kind = e.kind(), error = %redactor.redact(&e.to_string()), elapsed_ms, "job failed")
         }
-        Outcome::Cancelled => tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "job cancelled"),
+        other => tracing::info!(outcome = other.label(), elapsed_ms, "job stopped"),
     }
     cleanup(services, &workdir, &local_tags).await;
-    (outcome, delivered)
+    Finished { outcome, delivered }
 }
 
-fn final_report(outcome: &Outcome, redactor: &Redactor, log: &LogSink) -> StatusReport {
-    match outcome {
+/// The final status to send; `None` for a job that goes back to the queue.
+fn final_report(outcome: &Outcome, redactor: &Redactor, log: &LogSink) -> Option<StatusReport> {
+    let report = match outcome {
         Outcome::Builded { image_uri } => StatusReport {
             status: Status::Builded,
             logs: Some(LogLine {
@@ -164,7 +187,9 @@ fn final_report(outcome: &Outcome, redactor: &Redactor, log: &LogSink) -> Status
             error: None,
             data: None,
         },
-    }
+        Outcome::Interrupted => return None,
+    };
+    Some(report)
 }
 
 /// The dashboard shows `error` on one line; engine messages can span many.

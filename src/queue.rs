@@ -1,41 +1,36 @@
-//! The Redis side of a job's life: taken from the head of the queue into
-//! this worker's processing list in one atomic step (BLMOVE), removed from
-//! there only once it is settled, and put back at the head of the queue when
-//! a restarted worker finds it there. Payloads that are not jobs go to the
-//! dead-letter list.
+//! Everything the builders keep in Redis, and the operations on it.
+//!
+//! A job's life in Redis:
+//! - it waits in `<queue>` and is taken from the head (where BLPOP pops)
+//!   by BLMOVE into `<queue>:processing:<worker>`, atomically, so it is
+//!   never only in a builder's memory;
+//! - while it runs, `<queue>:running:<deploymentId>` names the builder that
+//!   owns it, so a duplicate of it is not built at the same time;
+//! - once its final status is delivered it leaves the processing list;
+//!   `<queue>:done:<deploymentId>` then remembers for a day that it was
+//!   BUILDED or CANCELLED, so a duplicate is not built again;
+//! - if its builder dies, the job stays in that builder's processing list;
+//!   the builder's heartbeat `<queue>:worker:<worker>` expires, and any
+//!   builder puts the job back at the head of the queue;
+//!   `<queue>:attempts:<deploymentId>` counts how often that happened.
+//!
+//! `<queue>:cancelled:<deploymentId>` marks a deployment cancelled by the
+//! dashboard, for every builder, for a day; `<queue>:dead` keeps payloads
+//! that are not jobs at all.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisError};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisError};
 
 use crate::config::RedisSettings;
 
 /// How long one BLMOVE blocks; the worker checks for shutdown in between.
 const BLOCK: Duration = Duration::from_secs(2);
-
-#[derive(Clone, Debug)]
-pub struct QueueNames {
-    pub queue: String,
-    pub processing: String,
-    pub dead: String,
-}
-
-impl QueueNames {
-    pub fn new(queue: &str, worker_id: &str) -> QueueNames {
-        QueueNames {
-            queue: queue.to_owned(),
-            processing: format!("{queue}:processing:{worker_id}"),
-            dead: format!("{queue}:dead"),
-        }
-    }
-}
-
-pub struct Queue {
-    client: Client,
-    names: QueueNames,
-    conn: Option<MultiplexedConnection>,
-}
+/// A builder whose heartbeat is older than this is gone.
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(30);
+/// How long cancel and done markers are kept.
+const MARKER_TTL: Duration = Duration::from_secs(24 * 3600);
 
 pub fn client(settings: &RedisSettings) -> Result<Client, RedisError> {
     let mut redis = RedisConnectionInfo::default();
@@ -51,88 +46,249 @@ pub fn client(settings: &RedisSettings) -> Result<Client, RedisError> {
     Client::open(info)
 }
 
+#[derive(Clone, Debug)]
+pub struct Keys {
+    pub queue: String,
+    pub dead: String,
+}
+
+impl Keys {
+    pub fn new(queue: &str) -> Keys {
+        Keys {
+            queue: queue.to_owned(),
+            dead: format!("{queue}:dead"),
+        }
+    }
+
+    pub fn processing(&self, worker: &str) -> String {
+        format!("{}:processing:{worker}", self.queue)
+    }
+
+    fn heartbeat(&self, worker: &str) -> String {
+        format!("{}:worker:{worker}", self.queue)
+    }
+
+    fn marker(&self, kind: &str, deployment_id: &str) -> String {
+        format!("{}:{kind}:{deployment_id}", self.queue)
+    }
+}
+
+/// Who holds a deployment's running lock.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    Acquired,
+    HeldBy(String),
+}
+
+/// The Redis side of one builder. Cheap to clone; reconnects by itself.
+#[derive(Clone)]
+pub struct Queue {
+    keys: Keys,
+    worker_id: String,
+    processing: String,
+    /// Only for BLMOVE, whose answer may take [`BLOCK`].
+    blocking: ConnectionManager,
+    conn: ConnectionManager,
+}
+
 impl Queue {
-    pub fn new(client: Client, names: QueueNames) -> Queue {
-        Queue {
-            client,
-            names,
-            conn: None,
-        }
-    }
-
-    pub fn names(&self) -> &QueueNames {
-        &self.names
-    }
-
-    async fn conn(&mut self) -> Result<&mut MultiplexedConnection, RedisError> {
-        if self.conn.is_none() {
-            let config = AsyncConnectionConfig::new()
+    /// Connects; fails when Redis cannot be reached now (the caller retries).
+    pub async fn connect(client: &Client, keys: Keys, worker_id: &str) -> Result<Queue, RedisError> {
+        let config = |response_timeout| {
+            ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_response_timeout(Some(BLOCK + Duration::from_secs(10)));
-            let conn = self
-                .client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?;
-            self.conn = Some(conn);
-        }
-        Ok(self.conn.as_mut().expect("connection was just set"))
+                .set_response_timeout(Some(response_timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(2))
+        };
+        let blocking =
+            ConnectionManager::new_with_config(client.clone(), config(BLOCK + Duration::from_secs(10))).await?;
+        let conn = ConnectionManager::new_with_config(client.clone(), config(Duration::from_secs(10))).await?;
+        Ok(Queue {
+            processing: keys.processing(worker_id),
+            keys,
+            worker_id: worker_id.to_owned(),
+            blocking,
+            conn,
+        })
     }
 
-    /// Runs a command; a failed connection is dropped so that the next call
-    /// reconnects.
-    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> Result<T, RedisError> {
-        let result = cmd.query_async(self.conn().await?).await;
-        if let Err(e) = &result {
-            if e.is_connection_dropped() || e.is_io_error() || e.is_timeout() || e.is_unrecoverable_error() {
-                self.conn = None;
-            }
-        }
-        result
+    pub fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     /// Waits up to a couple of seconds for a job; `None` when there was none.
     pub async fn take(&mut self) -> Result<Option<String>, RedisError> {
-        let mut cmd = redis::cmd("BLMOVE");
-        cmd.arg(&self.names.queue)
-            .arg(&self.names.processing)
+        redis::cmd("BLMOVE")
+            .arg(&self.keys.queue)
+            .arg(&self.processing)
             .arg("LEFT")
             .arg("RIGHT")
-            .arg(BLOCK.as_secs());
-        self.query(&cmd).await
+            .arg(BLOCK.as_secs())
+            .query_async(&mut self.blocking)
+            .await
     }
 
     /// The job is settled: forget it.
     pub async fn ack(&mut self, raw: &str) -> Result<(), RedisError> {
-        let mut cmd = redis::cmd("LREM");
-        cmd.arg(&self.names.processing).arg(1).arg(raw);
-        self.query::<i64>(&cmd).await.map(drop)
+        self.conn.lrem::<_, _, i64>(&self.processing, 1, raw).await.map(drop)
+    }
+
+    /// Puts a job this builder holds back at the head of the queue.
+    pub async fn requeue(&mut self, raw: &str) -> Result<(), RedisError> {
+        redis::pipe()
+            .atomic()
+            .lrem(&self.processing, 1, raw)
+            .ignore()
+            .lpush(&self.keys.queue, raw)
+            .ignore()
+            .query_async(&mut self.conn)
+            .await
     }
 
     /// Keeps an unusable payload, with why and when, for a human to look at.
-    pub async fn dead_letter(&mut self, raw: &str, reason: &str, worker_id: &str) -> Result<(), RedisError> {
+    pub async fn dead_letter(&mut self, raw: &str, reason: &str) -> Result<(), RedisError> {
         let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let entry = serde_json::json!({ "payload": raw, "reason": reason, "at": at, "worker": worker_id });
-        let mut cmd = redis::cmd("RPUSH");
-        cmd.arg(&self.names.dead).arg(entry.to_string());
-        self.query::<i64>(&cmd).await?;
-        self.ack(raw).await
+        let entry = serde_json::json!({ "payload": raw, "reason": reason, "at": at, "worker": self.worker_id });
+        redis::pipe()
+            .atomic()
+            .rpush(&self.keys.dead, entry.to_string())
+            .ignore()
+            .lrem(&self.processing, 1, raw)
+            .ignore()
+            .query_async(&mut self.conn)
+            .await
     }
 
-    /// Puts back, at the head of the queue and in their original order, the
-    /// jobs a previous run of this worker took and never settled.
-    pub async fn requeue_unsettled(&mut self) -> Result<u64, RedisError> {
-        let mut moved = 0;
-        loop {
-            let mut cmd = redis::cmd("LMOVE");
-            cmd.arg(&self.names.processing)
-                .arg(&self.names.queue)
-                .arg("RIGHT")
-                .arg("LEFT");
-            let job: Option<String> = self.query(&cmd).await?;
-            if job.is_none() {
-                return Ok(moved);
+    pub async fn heartbeat(&mut self) -> Result<(), RedisError> {
+        self.conn
+            .set_ex(self.keys.heartbeat(&self.worker_id), 1, HEARTBEAT_TTL.as_secs())
+            .await
+    }
+
+    /// Stops announcing this builder, so its lists are recovered at once.
+    pub async fn retire(&mut self) -> Result<(), RedisError> {
+        self.conn.del(self.keys.heartbeat(&self.worker_id)).await
+    }
+
+    /// Puts back at the head of the queue, in their order, the jobs of
+    /// builders that are gone, and this builder's own jobs from a previous
+    /// run when `include_own`. Returns how many moved.
+    pub async fn recover(&mut self, include_own: bool) -> Result<u64, RedisError> {
+        let pattern = format!("{}:processing:*", self.keys.queue);
+        let lists: Vec<String> = {
+            let mut iter = self.conn.scan_match::<_, String>(&pattern).await?;
+            let mut lists = Vec::new();
+            while let Some(key) = futures_util::StreamExt::next(&mut iter).await {
+                lists.push(key?);
             }
-            moved += 1;
+            lists
+        };
+        let prefix = format!("{}:processing:", self.keys.queue);
+        let mut moved = 0;
+        for list in lists {
+            let Some(worker) = list.strip_prefix(&prefix) else {
+                continue;
+            };
+            let own = worker == self.worker_id;
+            if own && !include_own {
+                continue;
+            }
+            if !own && self.conn.exists::<_, bool>(self.keys.heartbeat(worker)).await? {
+                continue;
+            }
+            loop {
+                let job: Option<String> = self
+                    .conn
+                    .lmove(&list, &self.keys.queue, redis::Direction::Right, redis::Direction::Left)
+                    .await?;
+                if job.is_none() {
+                    break;
+                }
+                moved += 1;
+            }
         }
+        Ok(moved)
+    }
+
+    /// Takes the deployment's running lock, or tells who has it. A lock
+    /// left by a builder that is gone is taken over, and so is one held in
+    /// this builder's name: the caller has made sure the deployment does not
+    /// run here, so that lock is left over from before a restart.
+    pub async fn claim(&mut self, deployment_id: &str, ttl: Duration) -> Result<Claim, RedisError> {
+        let key = self.keys.marker("running", deployment_id);
+        let options = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .with_expiration(redis::SetExpiry::EX(ttl.as_secs()));
+        let set: Option<String> = self.conn.set_options(&key, &self.worker_id, options).await?;
+        if set.is_some() {
+            return Ok(Claim::Acquired);
+        }
+        let owner: Option<String> = self.conn.get(&key).await?;
+        let owner_alive = match &owner {
+            Some(owner) if *owner != self.worker_id => self.conn.exists::<_, bool>(self.keys.heartbeat(owner)).await?,
+            _ => false,
+        };
+        if owner_alive {
+            return Ok(Claim::HeldBy(owner.unwrap_or_default()));
+        }
+        self.conn
+            .set_ex::<_, _, ()>(&key, &self.worker_id, ttl.as_secs())
+            .await?;
+        Ok(Claim::Acquired)
+    }
+
+    pub async fn release(&mut self, deployment_id: &str) -> Result<(), RedisError> {
+        self.conn.del(self.keys.marker("running", deployment_id)).await
+    }
+
+    /// Counts one more start of this deployment; returns the count.
+    pub async fn count_attempt(&mut self, deployment_id: &str) -> Result<u64, RedisError> {
+        let key = self.keys.marker("attempts", deployment_id);
+        let (count,): (u64,) = redis::pipe()
+            .atomic()
+            .incr(&key, 1)
+            .expire(&key, MARKER_TTL.as_secs() as i64)
+            .ignore()
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(count)
+    }
+
+    /// An interruption that was not a crash (a graceful shutdown) does not
+    /// count against the job.
+    pub async fn uncount_attempt(&mut self, deployment_id: &str) -> Result<(), RedisError> {
+        self.conn.decr(self.keys.marker("attempts", deployment_id), 1).await
+    }
+
+    pub async fn mark_cancelled(&mut self, deployment_id: &str) -> Result<(), RedisError> {
+        self.conn
+            .set_ex(self.keys.marker("cancelled", deployment_id), 1, MARKER_TTL.as_secs())
+            .await
+    }
+
+    pub async fn is_cancelled(&mut self, deployment_id: &str) -> Result<bool, RedisError> {
+        self.conn.exists(self.keys.marker("cancelled", deployment_id)).await
+    }
+
+    /// Remembers that the deployment reached a final status no duplicate
+    /// should repeat, and forgets its attempts.
+    pub async fn mark_done(&mut self, deployment_id: &str) -> Result<(), RedisError> {
+        redis::pipe()
+            .atomic()
+            .set_ex(self.keys.marker("done", deployment_id), 1, MARKER_TTL.as_secs())
+            .ignore()
+            .del(self.keys.marker("attempts", deployment_id))
+            .ignore()
+            .query_async(&mut self.conn)
+            .await
+    }
+
+    pub async fn is_done(&mut self, deployment_id: &str) -> Result<bool, RedisError> {
+        self.conn.exists(self.keys.marker("done", deployment_id)).await
+    }
+
+    pub async fn forget_attempts(&mut self, deployment_id: &str) -> Result<(), RedisError> {
+        self.conn.del(self.keys.marker("attempts", deployment_id)).await
     }
 }

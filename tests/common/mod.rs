@@ -103,7 +103,12 @@ impl Testbed {
     }
 
     pub fn start_daemon(&self, extra_env: &[(&str, &str)]) -> Daemon {
-        let queue = self.unique("test-queue");
+        self.start_daemon_on(&self.unique("test-queue"), &self.unique("worker"), extra_env)
+    }
+
+    /// Starts the daemon on a given queue and worker id: a second start with
+    /// the same ones is what systemd's restart of a builder looks like.
+    pub fn start_daemon_on(&self, queue: &str, worker_id: &str, extra_env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let log_path = dir.path().join("daemon.log");
         let log = std::fs::File::create(&log_path).unwrap();
@@ -119,8 +124,8 @@ impl Testbed {
                 cmd.env(k, v);
             }
         }
-        cmd.env("REDIS_QUEUE_NAME", &queue)
-            .env("WORKER_ID", self.unique("worker"))
+        cmd.env("REDIS_QUEUE_NAME", queue)
+            .env("WORKER_ID", worker_id)
             .env("WORK_DIR", dir.path().join("work"))
             .env("LOG_LEVEL", "info");
         for (k, v) in extra_env {
@@ -129,7 +134,8 @@ impl Testbed {
         let child = cmd.spawn().expect("cannot start deployra-builder");
         Daemon {
             child,
-            queue,
+            queue: queue.to_owned(),
+            worker_id: worker_id.to_owned(),
             log_path,
             dir,
         }
@@ -210,6 +216,48 @@ impl Testbed {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Waits until the deployment's log holds `count` lines that are
+    /// `needle` (a build step's output, say; not the step's own echo of its
+    /// command).
+    pub async fn wait_log(&self, deployment_id: &str, needle: &str, count: usize, daemon: &mut Daemon) {
+        let started = Instant::now();
+        loop {
+            let dash = Dashboard {
+                calls: self.calls(deployment_id).await,
+            };
+            if dash.log_lines().iter().filter(|l| l.trim() == needle).count() >= count {
+                return;
+            }
+            if let Some(status) = daemon.child.try_wait().unwrap() {
+                panic!(
+                    "daemon exited ({status}) before {needle:?} appeared:\n{}",
+                    daemon.output()
+                );
+            }
+            assert!(
+                started.elapsed() < WAIT,
+                "{needle:?} never appeared {count} times in the log of {deployment_id}:\n{}\ndaemon output:\n{}",
+                dash.log_lines().join("\n"),
+                daemon.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn publish_cancel(&self, deployment_id: &str) {
+        self.publish_cancel_on(&mut self.redis().await, deployment_id).await;
+    }
+
+    pub async fn publish_cancel_on(&self, conn: &mut redis::aio::MultiplexedConnection, deployment_id: &str) {
+        let message = serde_json::json!({ "deploymentId": deployment_id }).to_string();
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("builder:cancel")
+            .arg(message)
+            .query_async(conn)
+            .await
+            .unwrap();
     }
 
     pub fn registry_client(&self) -> reqwest::Client {
@@ -337,6 +385,112 @@ impl FixtureRepo {
     }
 }
 
+/// Containers (running or not) whose command contains `marker`: a build
+/// step of ours that the engine still has.
+pub fn containers_with(marker: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Command}}"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(marker))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Polls `condition` until it holds; fails after [`WAIT`] with `what`.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < WAIT, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Redis server of a test's own, with persistence, that the test may
+/// restart without disturbing the others.
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = PrivateRedis {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not installed");
+        self.child = Some(child);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(started.elapsed() < WAIT, "private redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the server (SIGTERM: it saves its append-only file) and starts
+    /// it again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-s", "TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git").current_dir(dir).args(args).output().unwrap();
     assert!(
@@ -351,6 +505,7 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 pub struct Daemon {
     child: Child,
     pub queue: String,
+    pub worker_id: String,
     log_path: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -364,6 +519,42 @@ impl Daemon {
 
     pub fn work_dir(&self) -> PathBuf {
         self.dir.path().join("work")
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -s {signal} failed");
+    }
+
+    /// Waits for the daemon to exit by itself.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < WAIT, "daemon did not exit:\n{}", self.output());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the daemon has written `needle` to its output.
+    pub async fn wait_output(&mut self, needle: &str) {
+        let started = Instant::now();
+        while !self.output().contains(needle) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("daemon exited ({status}) before writing {needle:?}:\n{}", self.output());
+            }
+            assert!(
+                started.elapsed() < WAIT,
+                "daemon never wrote {needle:?}:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
