@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use reqwest::Url;
 
+use crate::image::pack;
 use crate::redact::Secret;
 
 /// A setting that is missing or malformed; the message names the variable.
@@ -51,6 +52,9 @@ pub struct Config {
     /// On SIGTERM, how long running builds may take to finish before they
     /// are stopped and put back in the queue.
     pub shutdown_grace: Duration,
+    /// The `pack` CLI, for repositories without a Dockerfile.
+    pub pack_bin: String,
+    pub paketo_builder: String,
     /// Names this worker's processing list in Redis; stable across restarts
     /// of the same host so that a restarted daemon finds its interrupted jobs.
     pub worker_id: String,
@@ -128,6 +132,8 @@ impl Config {
             concurrency,
             shutdown_grace: Duration::from_secs(shutdown_grace_secs),
             worker_id,
+            pack_bin: or_default("PACK_BIN", pack::DEFAULT_PACK_BIN),
+            paketo_builder: or_default("PAKETO_BUILDER", pack::DEFAULT_BUILDER),
         })
     }
 }

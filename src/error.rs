@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::dashboard::ReportError;
 use crate::git::GitError;
 use crate::image::docker::ImageError;
+use crate::image::pack::PackError;
 use crate::job::InvalidJob;
 use crate::registry::ecr::RegistryError;
 use crate::workspace::WorkspaceError;
@@ -19,12 +20,12 @@ pub enum JobError {
     Git(#[from] GitError),
     #[error("prepare: {0}")]
     Workspace(#[from] WorkspaceError),
-    #[error("prepare: no Dockerfile at {0:?} in the repository")]
-    NoDockerfile(String),
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
     #[error("build: {0}")]
     Build(ImageError),
+    #[error("build (buildpacks): {0}")]
+    Pack(PackError),
     #[error("push: {0}")]
     Push(ImageError),
     #[error("dashboard: {0}")]
@@ -45,10 +46,12 @@ impl JobError {
             JobError::Git(GitError::BranchNotFound { .. } | GitError::CommitNotFound { .. }) => "git_ref",
             JobError::Git(GitError::Cancelled) | JobError::Cancelled => "cancelled",
             JobError::Git(_) => "git",
-            JobError::Workspace(_) | JobError::NoDockerfile(_) => "prepare",
+            JobError::Workspace(_) => "prepare",
             JobError::Registry(_) => "registry",
             JobError::Build(ImageError::BuildFailed { .. }) => "build",
             JobError::Build(_) => "engine",
+            JobError::Pack(PackError::NotInstalled { .. }) => "pack_missing",
+            JobError::Pack(_) => "build",
             JobError::Push(_) => "push",
             JobError::Report(_) => "report",
             JobError::TimedOut(_) => "timeout",

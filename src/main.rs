@@ -88,6 +88,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         work_dir: config.work_dir.clone(),
         build_timeout: config.build_timeout,
         log_limits: ShipperLimits::default(),
+        pack_bin: config.pack_bin.clone(),
+        paketo_builder: config.paketo_builder.clone(),
     };
     tracing::info!(queue = %config.queue_name, worker_id = %config.worker_id, "connected to Redis and Docker");
     let worker = WorkerConfig {

@@ -14,6 +14,7 @@ use crate::dashboard::{
 use crate::error::JobError;
 use crate::git::{self, FetchRequest};
 use crate::image::docker::{BuildRequest, Engine};
+use crate::image::pack::{self, PackError, PackRequest};
 use crate::job::{short, BuildSpec};
 use crate::redact::Redactor;
 use crate::registry::ecr::{self, Ecr};
@@ -28,6 +29,8 @@ pub struct Services {
     pub work_dir: PathBuf,
     pub build_timeout: Duration,
     pub log_limits: ShipperLimits,
+    pub pack_bin: String,
+    pub paketo_builder: String,
 }
 
 /// How a job ended.
@@ -282,13 +285,10 @@ async fn build(
     })
     .await?;
 
-    step("prepare", async {
+    let has_dockerfile = step("prepare", async {
         workspace::write_env(workdir, &spec.env)?;
         workspace::extend_dockerignore(workdir)?;
-        if !workspace::dockerfile_exists(workdir, &spec.dockerfile)? {
-            return Err(JobError::NoDockerfile(spec.dockerfile.clone()));
-        }
-        Ok(())
+        Ok(workspace::dockerfile_exists(workdir, &spec.dockerfile)?)
     })
     .await?;
 
@@ -304,21 +304,46 @@ async fn build(
     .await?;
 
     let commit_tag = format!("{repo_uri}:{commit}");
-    step(
-        "build",
-        race(token, async {
-            log.info(&format!("Building {} with {}", short(&commit), spec.dockerfile));
-            local_tags.push(commit_tag.clone());
-            let req = BuildRequest {
+    local_tags.push(commit_tag.clone());
+    if has_dockerfile {
+        step(
+            "build",
+            race(token, async {
+                log.info(&format!("Building {} with {}", short(&commit), spec.dockerfile));
+                let req = BuildRequest {
+                    root: workdir.to_owned(),
+                    dockerfile: spec.dockerfile.clone(),
+                    tag: commit_tag.clone(),
+                };
+                services.docker.build(&req, log).await.map_err(JobError::Build)?;
+                Ok(())
+            }),
+        )
+        .await?;
+    } else {
+        step("build", async {
+            log.info(&format!(
+                "No Dockerfile at {}; building {} with Cloud Native Buildpacks",
+                spec.dockerfile,
+                short(&commit)
+            ));
+            let req = PackRequest {
+                pack_bin: services.pack_bin.clone(),
+                builder: services.paketo_builder.clone(),
                 root: workdir.to_owned(),
-                dockerfile: spec.dockerfile.clone(),
-                tag: commit_tag.clone(),
+                image: commit_tag.clone(),
+                port: spec.container_port,
+                env: spec.env.clone(),
             };
-            services.docker.build(&req, log).await.map_err(JobError::Build)?;
-            Ok(())
-        }),
-    )
-    .await?;
+            // pack is stopped through the token, not by dropping it: that
+            // gives it the SIGTERM it needs to remove its build container.
+            pack::build(&req, log, token).await.map_err(|e| match e {
+                PackError::Cancelled => JobError::Cancelled,
+                e => JobError::Pack(e),
+            })
+        })
+        .await?;
+    }
 
     let digest = step(
         "push",

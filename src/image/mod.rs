@@ -5,3 +5,4 @@
 pub mod context;
 pub mod docker;
 pub mod dockerignore;
+pub mod pack;
