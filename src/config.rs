@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use reqwest::Url;
 
+use crate::image::cache::CacheConfig;
 use crate::image::pack;
 use crate::redact::Secret;
 
@@ -52,6 +53,8 @@ pub struct Config {
     /// On SIGTERM, how long running builds may take to finish before they
     /// are stopped and put back in the queue.
     pub shutdown_grace: Duration,
+    /// Layer reuse across builds of a service.
+    pub cache: CacheConfig,
     /// The `pack` CLI, for repositories without a Dockerfile.
     pub pack_bin: String,
     pub paketo_builder: String,
@@ -113,10 +116,15 @@ impl Config {
         }
         let shutdown_grace_secs: u64 = parse_number("SHUTDOWN_GRACE_SECS", get("SHUTDOWN_GRACE_SECS"), 300)?;
 
+        let min_free_gb: u64 = parse_number("BUILD_CACHE_MIN_FREE_GB", get("BUILD_CACHE_MIN_FREE_GB"), 10)?;
         let queue_name = or_default("REDIS_QUEUE_NAME", "builder-queue");
         let worker_id = get("WORKER_ID").unwrap_or_else(default_worker_id);
-        if worker_id.contains(char::is_whitespace) {
-            return Err(ConfigError::new("WORKER_ID", "must not contain whitespace"));
+        let valid_id = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+        if !worker_id.chars().all(valid_id) || worker_id.starts_with('.') {
+            return Err(ConfigError::new(
+                "WORKER_ID",
+                "must be letters, digits, '.', '_' or '-' (it names a directory and Redis keys)",
+            ));
         }
 
         Ok(Config {
@@ -132,6 +140,10 @@ impl Config {
             concurrency,
             shutdown_grace: Duration::from_secs(shutdown_grace_secs),
             worker_id,
+            cache: CacheConfig {
+                enabled: parse_switch("BUILD_CACHE", get("BUILD_CACHE"), true)?,
+                min_free_bytes: min_free_gb * 1024 * 1024 * 1024,
+            },
             pack_bin: or_default("PACK_BIN", pack::DEFAULT_PACK_BIN),
             paketo_builder: or_default("PAKETO_BUILDER", pack::DEFAULT_BUILDER),
         })
@@ -145,6 +157,18 @@ fn parse_number<T: std::str::FromStr>(var: &'static str, value: Option<String>, 
             .trim()
             .parse()
             .map_err(|_| ConfigError::new(var, format!("{v:?} is not a valid number"))),
+    }
+}
+
+fn parse_switch(var: &'static str, value: Option<String>, default: bool) -> Result<bool, ConfigError> {
+    match value.as_deref().map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(v) if matches!(v.as_str(), "1" | "true" | "on" | "yes") => Ok(true),
+        Some(v) if matches!(v.as_str(), "0" | "false" | "off" | "no") => Ok(false),
+        Some(v) => Err(ConfigError::new(
+            var,
+            format!("{v:?} is not on/off, true/false, yes/no or 1/0"),
+        )),
     }
 }
 
@@ -199,6 +223,7 @@ mod tests {
         assert_eq!(c.build_timeout, Duration::from_secs(3600));
         assert_eq!(c.concurrency, 1);
         assert_eq!(c.shutdown_grace, Duration::from_secs(300));
+        assert!(c.cache.enabled);
     }
 
     #[test]
@@ -225,6 +250,10 @@ mod tests {
             ("BUILD_CONCURRENCY", "0"),
             ("BUILD_CONCURRENCY", "many"),
             ("SHUTDOWN_GRACE_SECS", "soon"),
+            ("BUILD_CACHE", "maybe"),
+            ("WORKER_ID", "../escape"),
+            ("WORKER_ID", "has space"),
+            ("BUILD_CACHE_MIN_FREE_GB", "lots"),
         ];
         for (var, value) in cases {
             let mut vars: Vec<_> = MINIMAL.iter().copied().filter(|(k, _)| *k != var).collect();

@@ -1,7 +1,9 @@
 //! `deployra-builder`: loads and checks the configuration, connects the
 //! clients, and runs the worker until SIGTERM or SIGINT.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -74,8 +76,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("the Docker Engine does not answer (DOCKER_HOST or /var/run/docker.sock)")?;
     let dashboard =
         Dashboard::new(config.api_url.clone(), config.api_key.clone()).context("cannot set up the HTTP client")?;
-    std::fs::create_dir_all(&config.work_dir)
-        .with_context(|| format!("WORK_DIR: cannot create {}", config.work_dir.display()))?;
+    let work_dir = fresh_work_dir(&config)?;
     let redis = queue::client(&config.redis).context("REDIS_HOST/REDIS_PORT")?;
     let Some(queue) = connect_queue(&redis, &config, &shutdown).await else {
         return Ok(());
@@ -85,11 +86,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
         docker,
         ecr: Ecr::from_env().await,
         dashboard: dashboard.clone(),
-        work_dir: config.work_dir.clone(),
+        work_dir,
         build_timeout: config.build_timeout,
         log_limits: ShipperLimits::default(),
         pack_bin: config.pack_bin.clone(),
         paketo_builder: config.paketo_builder.clone(),
+        cache: config.cache,
+        disk_check: Arc::default(),
     };
     tracing::info!(queue = %config.queue_name, worker_id = %config.worker_id, "connected to Redis and Docker");
     let worker = WorkerConfig {
@@ -99,6 +102,23 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     worker::run(redis, queue, services, dashboard, worker, shutdown).await;
     Ok(())
+}
+
+/// This builder's own directory under WORK_DIR (builders sharing a host
+/// and WORK_DIR must not delete each other's checkouts), emptied of what a
+/// previous run left behind: its jobs are back in the queue by now.
+fn fresh_work_dir(config: &Config) -> anyhow::Result<PathBuf> {
+    let dir = config.work_dir.join(&config.worker_id);
+    let context = || format!("WORK_DIR: cannot prepare {}", dir.display());
+    if dir.exists() {
+        let stale = std::fs::read_dir(&dir).with_context(context)?.count();
+        if stale > 0 {
+            tracing::info!(dir = %dir.display(), entries = stale, "removing work directories of a previous run");
+        }
+        std::fs::remove_dir_all(&dir).with_context(context)?;
+    }
+    std::fs::create_dir_all(&dir).with_context(context)?;
+    Ok(dir)
 }
 
 /// Waits for Redis at start: a builder host may boot before Redis does.

@@ -2,6 +2,7 @@
 //! cleanup afterwards. Owns the job's root span.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -13,11 +14,12 @@ use crate::dashboard::{
 };
 use crate::error::JobError;
 use crate::git::{self, FetchRequest};
+use crate::image::cache::{self, CacheConfig, CacheSource};
 use crate::image::docker::{BuildRequest, Engine};
 use crate::image::pack::{self, PackError, PackRequest};
 use crate::job::{short, BuildSpec};
 use crate::redact::Redactor;
-use crate::registry::ecr::{self, Ecr};
+use crate::registry::ecr::{self, Ecr, PushCredentials};
 use crate::workspace;
 
 /// What every job needs; cheap to clone.
@@ -31,6 +33,10 @@ pub struct Services {
     pub log_limits: ShipperLimits,
     pub pack_bin: String,
     pub paketo_builder: String,
+    pub cache: CacheConfig,
+    /// One disk check at a time; concurrent jobs ending together would
+    /// otherwise evict twice.
+    pub disk_check: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How a job ended.
@@ -153,6 +159,10 @@ async fn run_in_span(services: &Services, spec: BuildSpec, control: JobControl) 
         other => tracing::info!(outcome = other.label(), elapsed_ms, "job stopped"),
     }
     cleanup(services, &workdir, &local_tags).await;
+    {
+        let _one_at_a_time = services.disk_check.lock().await;
+        cache::enforce_budget(&services.docker, &services.cache).await;
+    }
     Finished { outcome, delivered }
 }
 
@@ -306,6 +316,10 @@ async fn build(
     let commit_tag = format!("{repo_uri}:{commit}");
     local_tags.push(commit_tag.clone());
     if has_dockerfile {
+        let cache = race(token, async {
+            Ok(cache_source(services, spec, &repo_uri, &credentials, log, local_tags).await)
+        })
+        .await?;
         step(
             "build",
             race(token, async {
@@ -314,6 +328,7 @@ async fn build(
                     root: workdir.to_owned(),
                     dockerfile: spec.dockerfile.clone(),
                     tag: commit_tag.clone(),
+                    cache,
                 };
                 services.docker.build(&req, log).await.map_err(JobError::Build)?;
                 Ok(())
@@ -353,7 +368,10 @@ async fn build(
                 .tag(&commit_tag, &repo_uri, "latest")
                 .await
                 .map_err(JobError::Push)?;
-            local_tags.push(format!("{repo_uri}:latest"));
+            let latest = format!("{repo_uri}:latest");
+            if !local_tags.contains(&latest) {
+                local_tags.push(latest);
+            }
             log.info(&format!("Pushing {repo_uri}"));
             let digest = services
                 .docker
@@ -369,7 +387,65 @@ async fn build(
         }),
     )
     .await?;
+    if has_dockerfile && services.cache.enabled {
+        let (repo, tag) = cache::cache_tag(&spec.service_id)
+            .rsplit_once(':')
+            .map(|(r, t)| (r.to_owned(), t.to_owned()))
+            .expect("a cache tag has a tag");
+        if let Err(e) = services.docker.tag(&commit_tag, &repo, &tag).await {
+            tracing::warn!(error = %e, "could not keep the image as the next build's cache");
+        }
+    }
     Ok(format!("{repo_uri}@{digest}"))
+}
+
+/// Decides where this build's layers come from. Never fails the build: the
+/// cache only makes it faster.
+async fn cache_source(
+    services: &Services,
+    spec: &BuildSpec,
+    repo_uri: &str,
+    credentials: &PushCredentials,
+    log: &LogSink,
+    local_tags: &mut Vec<String>,
+) -> CacheSource {
+    if !services.cache.enabled {
+        log.info("Build cache off (BUILD_CACHE): every layer is built anew");
+        return CacheSource::Disabled;
+    }
+    match services.docker.image_exists(&cache::cache_tag(&spec.service_id)).await {
+        Ok(true) => {
+            log.info("Reusing this builder's layers from the service's previous build");
+            return CacheSource::Local;
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for the local build cache");
+            return CacheSource::Local;
+        }
+    }
+    let last = format!("{repo_uri}:latest");
+    match tokio::time::timeout(
+        cache::PULL_TIMEOUT,
+        services.docker.pull(repo_uri, "latest", credentials),
+    )
+    .await
+    {
+        Ok(Ok(())) => {
+            log.info("Pulled the service's last image from the registry to reuse its layers");
+            local_tags.push(last.clone());
+            CacheSource::From(vec![last])
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "no previous image to pull");
+            log.info("No previous image of this service in the registry; building without cache");
+            CacheSource::Local
+        }
+        Err(_) => {
+            log.info("The registry took too long to give the previous image; building without it");
+            CacheSource::Local
+        }
+    }
 }
 
 async fn prepare_dir(dir: &Path) -> Result<(), JobError> {

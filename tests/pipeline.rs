@@ -9,17 +9,25 @@ use serde_json::json;
 
 const LIFECYCLE_POLICY: &str = r#"{"rules":[{"rulePriority":1,"description":"Keep only 1 image","selection":{"tagStatus":"any","countType":"imageCountMoreThan","countNumber":1},"action":{"type":"expire"}}]}"#;
 
-const DOCKERFILE: &str = "FROM local/busybox:latest
-RUN echo first-output-line && echo second-output-line && echo third-output-line
+/// A Dockerfile whose output the tests look for. Each call gives a RUN line
+/// of its own (a shell comment), so no layer cached by another build can
+/// hide the output.
+fn dockerfile(tb: &Testbed) -> String {
+    format!(
+        "FROM local/busybox:latest
+RUN echo first-output-line && echo second-output-line && echo third-output-line # {}
 COPY . /app
 CMD [\"cat\", \"/app/message.txt\"]
-";
+",
+        tb.unique("run")
+    )
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn branch_tip_is_built_pushed_and_reported() {
     let tb = Testbed::load();
     let repo = tb.new_repo("tip");
-    repo.write("Dockerfile", DOCKERFILE)
+    repo.write("Dockerfile", &dockerfile(&tb))
         .write("message.txt", "hello from the tip\n");
     let sha = repo.commit("first");
     let mut daemon = tb.start_daemon(&[]);
@@ -110,7 +118,7 @@ async fn branch_tip_is_built_pushed_and_reported() {
 async fn a_commit_that_is_not_the_tip_is_built_exactly() {
     let tb = Testbed::load();
     let repo = tb.new_repo("non-tip");
-    repo.write("Dockerfile", DOCKERFILE)
+    repo.write("Dockerfile", &dockerfile(&tb))
         .write("message.txt", "old commit\n");
     let old = repo.commit("old");
     repo.write("message.txt", "new tip\n");
@@ -163,7 +171,7 @@ async fn a_failing_step_is_reported_and_the_next_job_still_builds() {
         )
         .commit("broken");
     let good = tb.new_repo("after-failure");
-    good.write("Dockerfile", DOCKERFILE)
+    good.write("Dockerfile", &dockerfile(&tb))
         .write("message.txt", "fine\n")
         .commit("good");
 
@@ -191,7 +199,7 @@ async fn a_failing_step_is_reported_and_the_next_job_still_builds() {
 async fn wrong_git_credentials_fail_clearly_without_leaking() {
     let tb = Testbed::load();
     let repo = tb.new_repo("auth");
-    repo.write("Dockerfile", DOCKERFILE)
+    repo.write("Dockerfile", &dockerfile(&tb))
         .write("message.txt", "x\n")
         .commit("c");
     let wrong = "wrong-password-Zq81xv";
@@ -214,7 +222,7 @@ async fn wrong_git_credentials_fail_clearly_without_leaking() {
 async fn unroutable_payloads_are_dead_lettered_and_bad_fields_fail_by_name() {
     let tb = Testbed::load();
     let repo = tb.new_repo("after-garbage");
-    repo.write("Dockerfile", DOCKERFILE)
+    repo.write("Dockerfile", &dockerfile(&tb))
         .write("message.txt", "ok\n")
         .commit("c");
     let mut daemon = tb.start_daemon(&[]);

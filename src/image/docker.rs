@@ -5,17 +5,22 @@
 //! job's token by the pipeline, and dropping a build or push closes its HTTP
 //! request, which makes the engine abort it.
 
+use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::PathBuf;
 
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as DockerError;
-use bollard::query_parameters::{BuildImageOptions, PushImageOptions, RemoveImageOptions, TagImageOptions};
+use bollard::query_parameters::{
+    BuildImageOptions, CreateImageOptions, ListImagesOptions, PruneImagesOptions, PushImageOptions, RemoveImageOptions,
+    TagImageOptions,
+};
 use bollard::Docker;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
+use super::cache::{CacheSource, KeptImage, CACHE_REPOSITORY};
 use super::context::{self, ContextError, ContextStats};
 use crate::dashboard::{LogSink, LogType};
 use crate::registry::ecr::PushCredentials;
@@ -49,11 +54,13 @@ pub struct Engine {
     docker: Docker,
 }
 
-/// What to build: the checkout, the Dockerfile inside it, the tag to give.
+/// What to build: the checkout, the Dockerfile inside it, the tag to give,
+/// and where layers may come from.
 pub struct BuildRequest {
     pub root: PathBuf,
     pub dockerfile: String,
     pub tag: String,
+    pub cache: CacheSource,
 }
 
 impl Engine {
@@ -87,12 +94,19 @@ impl Engine {
         });
         let body = bollard::body_try_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
 
+        let (nocache, cachefrom) = match &req.cache {
+            CacheSource::Disabled => (true, None),
+            CacheSource::Local => (false, None),
+            CacheSource::From(images) => (false, Some(images.clone())),
+        };
         let options = BuildImageOptions {
             dockerfile: req.dockerfile.clone(),
             t: Some(req.tag.clone()),
             platform: PLATFORM.to_owned(),
             rm: true,
             forcerm: true,
+            nocache,
+            cachefrom,
             ..Default::default()
         };
         let mut output = self.docker.build_image(options, None, Some(body));
@@ -217,6 +231,80 @@ impl Engine {
             .ok_or_else(|| ImageError::NoDigest {
                 image: image.to_owned(),
             })
+    }
+
+    pub async fn image_exists(&self, image: &str) -> Result<bool, ImageError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(false),
+            Err(e) => Err(engine("inspect")(e)),
+        }
+    }
+
+    /// Pulls `repo:tag` with push credentials (ECR's token also reads).
+    pub async fn pull(&self, repo: &str, tag: &str, creds: &PushCredentials) -> Result<(), ImageError> {
+        let options = CreateImageOptions {
+            from_image: Some(repo.to_owned()),
+            tag: Some(tag.to_owned()),
+            platform: PLATFORM.to_owned(),
+            ..Default::default()
+        };
+        let credentials = DockerCredentials {
+            username: Some(creds.username.clone()),
+            password: Some(creds.password.expose().to_owned()),
+            serveraddress: Some(creds.server.clone()),
+            ..Default::default()
+        };
+        let mut output = self.docker.create_image(Some(options), None, Some(credentials));
+        while let Some(item) = output.next().await {
+            item.map_err(engine("pull"))?;
+        }
+        Ok(())
+    }
+
+    /// The kept cache images of every service on this engine.
+    pub async fn kept_images(&self) -> Result<Vec<KeptImage>, ImageError> {
+        let options = ListImagesOptions {
+            filters: Some(HashMap::from([(
+                "reference".to_owned(),
+                vec![format!("{CACHE_REPOSITORY}/*")],
+            )])),
+            ..Default::default()
+        };
+        let images = self
+            .docker
+            .list_images(Some(options))
+            .await
+            .map_err(engine("list images"))?;
+        let mut kept = Vec::new();
+        for tag in images.into_iter().flat_map(|i| i.repo_tags) {
+            let last_used = match self.docker.inspect_image(&tag).await {
+                Ok(inspect) => inspect.metadata.and_then(|m| m.last_tag_time).unwrap_or_default(),
+                Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => continue,
+                Err(e) => return Err(engine("inspect")(e)),
+            };
+            kept.push(KeptImage { tag, last_used });
+        }
+        Ok(kept)
+    }
+
+    /// Where the engine keeps its images, when it says.
+    pub async fn data_root(&self) -> Result<Option<PathBuf>, ImageError> {
+        let info = self.docker.info().await.map_err(engine("info"))?;
+        Ok(info.docker_root_dir.map(PathBuf::from))
+    }
+
+    /// Removes images no tag refers to any more; returns the bytes freed.
+    pub async fn prune_dangling(&self) -> Result<u64, ImageError> {
+        let options = PruneImagesOptions {
+            filters: Some(HashMap::from([("dangling".to_owned(), vec!["true".to_owned()])])),
+        };
+        let pruned = self
+            .docker
+            .prune_images(Some(options))
+            .await
+            .map_err(engine("prune images"))?;
+        Ok(pruned.space_reclaimed.unwrap_or(0).max(0) as u64)
     }
 
     /// Removes a local tag; the layers go when nothing else references them.

@@ -2,6 +2,7 @@
 //! Docker's `.dockerignore` rules in [`dockerignore`]) and the Docker Engine
 //! ([`docker`]).
 
+pub mod cache;
 pub mod context;
 pub mod docker;
 pub mod dockerignore;

@@ -517,8 +517,9 @@ impl Daemon {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// This daemon's own work directory (WORK_DIR/WORKER_ID).
     pub fn work_dir(&self) -> PathBuf {
-        self.dir.path().join("work")
+        self.dir.path().join("work").join(&self.worker_id)
     }
 
     pub fn signal(&self, signal: &str) {
