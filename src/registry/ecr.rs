@@ -3,6 +3,10 @@
 //! Credentials, region and `AWS_ENDPOINT_URL` come from the AWS SDK's own
 //! configuration chain.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
 use aws_sdk_ecr::error::DisplayErrorContext;
 use aws_sdk_ecr::Client;
 use base64::Engine;
@@ -33,9 +37,33 @@ pub struct PushCredentials {
     pub server: String,
 }
 
+/// ECR answers that hold for a while, so that a build does not wait for
+/// them again: repository URIs (a repository is never deleted by us) and the
+/// authorization token (valid for 12 hours).
+#[derive(Clone, Default)]
+struct Remembered {
+    repositories: Arc<Mutex<HashMap<String, String>>>,
+    token: Arc<Mutex<Option<(PushCredentials, Instant)>>>,
+}
+
+/// A token is renewed this long before ECR says it expires.
+const TOKEN_MARGIN: Duration = Duration::from_secs(30 * 60);
+
 #[derive(Clone)]
 pub struct Ecr {
     client: Client,
+    remembered: Remembered,
+}
+
+fn registry_host(repository_uri: &str) -> String {
+    repository_uri
+        .split_once('/')
+        .map_or(repository_uri, |(host, _)| host)
+        .to_owned()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().expect("ECR cache lock poisoned")
 }
 
 pub fn repository_name(service_id: &str) -> String {
@@ -47,12 +75,22 @@ impl Ecr {
         let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         Ecr {
             client: Client::new(&config),
+            remembered: Remembered::default(),
         }
     }
 
     /// Returns the repository URI, creating the repository (with its
     /// lifecycle policy) when it does not exist yet.
     pub async fn ensure_repository(&self, name: &str) -> Result<String, RegistryError> {
+        if let Some(uri) = lock(&self.remembered.repositories).get(name) {
+            return Ok(uri.clone());
+        }
+        let uri = self.find_or_create(name).await?;
+        lock(&self.remembered.repositories).insert(name.to_owned(), uri.clone());
+        Ok(uri)
+    }
+
+    async fn find_or_create(&self, name: &str) -> Result<String, RegistryError> {
         let api = |operation: &'static str, message: String| RegistryError::Api {
             operation,
             repository: name.to_owned(),
@@ -127,6 +165,19 @@ impl Ecr {
     }
 
     pub async fn push_credentials(&self, repository_uri: &str) -> Result<PushCredentials, RegistryError> {
+        let server = registry_host(repository_uri);
+        if let Some((credentials, renew_at)) = lock(&self.remembered.token).as_ref() {
+            if credentials.server == server && Instant::now() < *renew_at {
+                return Ok(credentials.clone());
+            }
+        }
+        let (credentials, valid_for) = self.fetch_token(repository_uri).await?;
+        let renew_at = Instant::now() + valid_for.saturating_sub(TOKEN_MARGIN);
+        *lock(&self.remembered.token) = Some((credentials.clone(), renew_at));
+        Ok(credentials)
+    }
+
+    async fn fetch_token(&self, repository_uri: &str) -> Result<(PushCredentials, Duration), RegistryError> {
         let out = self
             .client
             .get_authorization_token()
@@ -137,11 +188,18 @@ impl Ecr {
                 repository: repository_uri.to_owned(),
                 message: DisplayErrorContext(&e).to_string(),
             })?;
-        let token = out
+        let data = out
             .authorization_data()
             .first()
-            .and_then(|d| d.authorization_token())
             .ok_or(RegistryError::BadToken("no authorization data"))?;
+        let token = data
+            .authorization_token()
+            .ok_or(RegistryError::BadToken("no authorization token"))?;
+        let valid_for = data
+            .expires_at()
+            .and_then(|at| SystemTime::try_from(*at).ok())
+            .and_then(|at| at.duration_since(SystemTime::now()).ok())
+            .unwrap_or_default();
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(token)
             .map_err(|_| RegistryError::BadToken("not base64"))?;
@@ -149,14 +207,11 @@ impl Ecr {
         let (username, password) = decoded
             .split_once(':')
             .ok_or(RegistryError::BadToken("not user:password"))?;
-        let server = repository_uri
-            .split_once('/')
-            .map_or(repository_uri, |(host, _)| host)
-            .to_owned();
-        Ok(PushCredentials {
+        let credentials = PushCredentials {
             username: username.to_owned(),
             password: Secret::new(password),
-            server,
-        })
+            server: registry_host(repository_uri),
+        };
+        Ok((credentials, valid_for))
     }
 }
