@@ -2,6 +2,7 @@
 //! `.env`, loaded by `main`) and validated before any work starts. The names
 //! are those of the builder we replace, so operators' files keep working.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -61,6 +62,8 @@ pub struct Config {
     /// Names this worker's processing list in Redis; stable across restarts
     /// of the same host so that a restarted daemon finds its interrupted jobs.
     pub worker_id: String,
+    /// Where `/metrics` and `/healthz` listen; unset, nothing listens.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -127,6 +130,8 @@ impl Config {
             ));
         }
 
+        let metrics_addr = get("METRICS_ADDR").map(|v| parse_metrics_addr(&v)).transpose()?;
+
         Ok(Config {
             redis,
             queue_name,
@@ -146,6 +151,7 @@ impl Config {
             },
             pack_bin: or_default("PACK_BIN", pack::DEFAULT_PACK_BIN),
             paketo_builder: or_default("PAKETO_BUILDER", pack::DEFAULT_BUILDER),
+            metrics_addr,
         })
     }
 }
@@ -170,6 +176,17 @@ fn parse_switch(var: &'static str, value: Option<String>, default: bool) -> Resu
             format!("{v:?} is not on/off, true/false, yes/no or 1/0"),
         )),
     }
+}
+
+/// An IP address and port, not a host name: what it resolves to could
+/// change between restarts and expose the endpoints where nobody meant to.
+fn parse_metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
+    value.trim().parse().map_err(|_| {
+        ConfigError::new(
+            "METRICS_ADDR",
+            format!("{value:?} is not an IP address and port such as 127.0.0.1:9102"),
+        )
+    })
 }
 
 fn parse_api_url(value: &str) -> Result<Url, ConfigError> {
@@ -224,6 +241,16 @@ mod tests {
         assert_eq!(c.concurrency, 1);
         assert_eq!(c.shutdown_grace, Duration::from_secs(300));
         assert!(c.cache.enabled);
+        assert_eq!(c.metrics_addr, None);
+    }
+
+    #[test]
+    fn metrics_addr_takes_ipv4_and_ipv6() {
+        for addr in ["127.0.0.1:9102", "[::1]:9102", "0.0.0.0:9102"] {
+            let mut vars = MINIMAL.to_vec();
+            vars.push(("METRICS_ADDR", addr));
+            assert_eq!(load(&vars).unwrap().metrics_addr, Some(addr.parse().unwrap()));
+        }
     }
 
     #[test]
@@ -250,6 +277,9 @@ mod tests {
             ("BUILD_CONCURRENCY", "0"),
             ("BUILD_CONCURRENCY", "many"),
             ("SHUTDOWN_GRACE_SECS", "soon"),
+            ("METRICS_ADDR", "9102"),
+            ("METRICS_ADDR", "localhost:9102"),
+            ("METRICS_ADDR", "127.0.0.1:99999"),
             ("BUILD_CACHE", "maybe"),
             ("WORKER_ID", "../escape"),
             ("WORKER_ID", "has space"),

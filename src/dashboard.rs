@@ -16,6 +16,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use crate::metrics::Metrics;
 use crate::redact::{Redactor, Secret};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -101,6 +102,7 @@ pub struct Dashboard {
     http: reqwest::Client,
     base: Url,
     api_key: Secret,
+    metrics: Option<Metrics>,
 }
 
 impl Dashboard {
@@ -110,7 +112,20 @@ impl Dashboard {
             .connect_timeout(Duration::from_secs(5))
             .user_agent(concat!("deployra-builder/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Dashboard { http, base, api_key })
+        Ok(Dashboard {
+            http,
+            base,
+            api_key,
+            metrics: None,
+        })
+    }
+
+    /// Counts the calls that fail for good in `metrics`.
+    pub fn with_metrics(self, metrics: Metrics) -> Dashboard {
+        Dashboard {
+            metrics: Some(metrics),
+            ..self
+        }
     }
 
     pub async fn status(&self, deployment_id: &str, report: &StatusReport) -> Result<(), ReportError> {
@@ -130,6 +145,20 @@ impl Dashboard {
     }
 
     async fn post<B: Serialize + ?Sized>(
+        &self,
+        deployment_id: &str,
+        what: &'static str,
+        body: &B,
+        policy: RetryPolicy,
+    ) -> Result<(), ReportError> {
+        let result = self.deliver(deployment_id, what, body, policy).await;
+        if let (Err(_), Some(metrics)) = (&result, &self.metrics) {
+            metrics.report_failed(what);
+        }
+        result
+    }
+
+    async fn deliver<B: Serialize + ?Sized>(
         &self,
         deployment_id: &str,
         what: &str,

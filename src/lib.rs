@@ -21,6 +21,11 @@
 //! 4. When the final status is delivered the worker acknowledges the job,
 //!    removing it from the processing list.
 //!
+//! Operators watch all this through [`metrics`] (counted along the way and
+//! served with a health check by [`ops`] on `METRICS_ADDR`) and through
+//! [`systemd`], which tells the service manager when the builder is ready,
+//! what it builds, that it is alive, and that it is stopping.
+//!
 //! [`config`] turns the environment into a validated [`config::Config`]
 //! before any of this starts; `main` only wires the pieces together.
 #![forbid(unsafe_code)]
@@ -34,9 +39,12 @@ pub mod error;
 pub mod git;
 pub mod image;
 pub mod job;
+pub mod metrics;
+pub mod ops;
 pub mod pipeline;
 pub mod queue;
 pub mod redact;
 pub mod registry;
+pub mod systemd;
 pub mod worker;
 pub mod workspace;

@@ -1,6 +1,7 @@
 //! `deployra-builder`: loads and checks the configuration, connects the
 //! clients, and runs the worker until SIGTERM or SIGINT.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,10 +11,14 @@ use anyhow::Context;
 use deployra_builder::config::Config;
 use deployra_builder::dashboard::{Dashboard, ShipperLimits};
 use deployra_builder::image::docker::Engine;
+use deployra_builder::metrics::Metrics;
+use deployra_builder::ops::{self, Endpoints};
 use deployra_builder::pipeline::Services;
 use deployra_builder::queue::{self, Keys, Queue};
 use deployra_builder::registry::ecr::Ecr;
+use deployra_builder::systemd;
 use deployra_builder::worker::{self, WorkerConfig};
+use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -55,7 +60,11 @@ fn main() -> ExitCode {
 
 fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    // Colour codes only for a person at a terminal, not in journald.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal());
     if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         builder.json().init();
     } else {
@@ -67,6 +76,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
 
+    // Bound first, so that an address in use stops the daemon at once.
+    let ops_listener = match config.metrics_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("METRICS_ADDR: cannot listen on {addr}"))?;
+            tracing::info!(%addr, "serving /metrics and /healthz");
+            Some(listener)
+        }
+        None => None,
+    };
     let docker = Engine::connect()
         .await
         .context("cannot reach the Docker Engine (DOCKER_HOST or /var/run/docker.sock)")?;
@@ -74,13 +94,42 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .ping()
         .await
         .context("the Docker Engine does not answer (DOCKER_HOST or /var/run/docker.sock)")?;
-    let dashboard =
-        Dashboard::new(config.api_url.clone(), config.api_key.clone()).context("cannot set up the HTTP client")?;
-    let work_dir = fresh_work_dir(&config)?;
+    let metrics = Metrics::new();
+    let endpoints = Endpoints::new(metrics.clone(), docker.clone());
+    // Served while Redis is awaited (/healthz then says so) and through the
+    // drain after SIGTERM (the metrics show the builds finishing); stopped
+    // with the worker.
+    let worker_stopped = CancellationToken::new();
+    let ops_server =
+        ops_listener.map(|listener| tokio::spawn(ops::serve(listener, endpoints.clone(), worker_stopped.clone())));
+    let result = work(&config, docker, metrics, &endpoints, shutdown).await;
+    worker_stopped.cancel();
+    if let Some(server) = ops_server {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "the metrics server failed");
+        }
+    }
+    result
+}
+
+/// Connects to the dashboard and Redis, then runs the worker until it has
+/// drained.
+async fn work(
+    config: &Config,
+    docker: Engine,
+    metrics: Metrics,
+    endpoints: &Endpoints,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let dashboard = Dashboard::new(config.api_url.clone(), config.api_key.clone())
+        .context("cannot set up the HTTP client")?
+        .with_metrics(metrics.clone());
+    let work_dir = fresh_work_dir(config)?;
     let redis = queue::client(&config.redis).context("REDIS_HOST/REDIS_PORT")?;
-    let Some(queue) = connect_queue(&redis, &config, &shutdown).await else {
+    let Some(queue) = connect_queue(&redis, config, &shutdown).await else {
         return Ok(());
     };
+    endpoints.redis_connected(queue.clone());
 
     let services = Services {
         docker,
@@ -93,12 +142,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         paketo_builder: config.paketo_builder.clone(),
         cache: config.cache,
         disk_check: Arc::default(),
+        metrics,
     };
     tracing::info!(queue = %config.queue_name, worker_id = %config.worker_id, "connected to Redis and Docker");
     let worker = WorkerConfig {
         concurrency: config.concurrency,
         shutdown_grace: config.shutdown_grace,
         cancel_channel: config.cancel_channel.clone(),
+        watchdog: sd_notify::watchdog_enabled(),
     };
     worker::run(redis, queue, services, dashboard, worker, shutdown).await;
     Ok(())
@@ -155,5 +206,6 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = term.recv() => tracing::info!("SIGTERM: no new jobs; finishing running builds, then exiting"),
         _ = int.recv() => tracing::info!("SIGINT: no new jobs; finishing running builds, then exiting"),
     }
+    systemd::stopping();
     shutdown.cancel();
 }

@@ -18,6 +18,7 @@ use crate::image::cache::{self, CacheConfig, CacheSource};
 use crate::image::docker::{BuildRequest, Engine};
 use crate::image::pack::{self, PackError, PackRequest};
 use crate::job::{short, BuildSpec};
+use crate::metrics::Metrics;
 use crate::redact::Redactor;
 use crate::registry::ecr::{self, Ecr, PushCredentials};
 use crate::workspace;
@@ -37,6 +38,7 @@ pub struct Services {
     /// One disk check at a time; concurrent jobs ending together would
     /// otherwise evict twice.
     pub disk_check: Arc<tokio::sync::Mutex<()>>,
+    pub metrics: Metrics,
 }
 
 /// How a job ended.
@@ -76,7 +78,18 @@ pub struct Finished {
 /// build timeout (armed here), or the builder's shutdown.
 pub async fn run(services: &Services, spec: BuildSpec, control: JobControl) -> Finished {
     let span = tracing::info_span!("job", deployment_id = %spec.deployment_id, service_id = %spec.service_id);
-    run_in_span(services, spec, control).instrument(span).await
+    STEP_METRICS
+        .scope(services.metrics.clone(), run_in_span(services, spec, control))
+        .instrument(span)
+        .await
+}
+
+tokio::task_local! {
+    /// Where [`step`] records its duration. It reaches the steps through the
+    /// job's task rather than as an argument so that every step call in
+    /// [`build`] stays free of plumbing; a step run outside [`run`] records
+    /// nothing.
+    static STEP_METRICS: Metrics;
 }
 
 async fn run_in_span(services: &Services, spec: BuildSpec, control: JobControl) -> Finished {
@@ -256,7 +269,9 @@ async fn step<T>(
     let started = Instant::now();
     tracing::info!(step = name, "step started");
     let result = work.instrument(tracing::info_span!("step", name)).await;
-    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let elapsed = started.elapsed();
+    let _ = STEP_METRICS.try_with(|metrics| metrics.step_ran(name, elapsed));
+    let elapsed_ms = elapsed.as_millis() as u64;
     match &result {
         Ok(_) => tracing::info!(step = name, elapsed_ms, "step finished"),
         Err(e) => tracing::info!(step = name, elapsed_ms, kind = e.kind(), "step ended with an error"),
@@ -272,7 +287,10 @@ async fn build(
     log: &LogSink,
     local_tags: &mut Vec<String>,
 ) -> Result<String, JobError> {
-    let commit = step("clone", async {
+    // The registry's answers do not depend on the checkout: ask while
+    // fetching.
+    let repository = ecr::repository_name(&spec.service_id);
+    let clone = step("clone", async {
         prepare_dir(workdir).await?;
         log.info(&format!("Fetching {} ({})", spec.source.url, spec.branch));
         let source = spec.source.clone();
@@ -292,25 +310,24 @@ async fn build(
         .map_err(|e| JobError::Internal(format!("git task: {e}")))??;
         log.info(&format!("Checked out commit {sha}"));
         Ok(sha)
-    })
-    .await?;
-
-    let has_dockerfile = step("prepare", async {
-        workspace::write_env(workdir, &spec.env)?;
-        workspace::extend_dockerignore(workdir)?;
-        Ok(workspace::dockerfile_exists(workdir, &spec.dockerfile)?)
-    })
-    .await?;
-
-    let repository = ecr::repository_name(&spec.service_id);
-    let (repo_uri, credentials) = step(
+    });
+    let registry = step(
         "registry",
         race(token, async {
             let uri = services.ecr.ensure_repository(&repository).await?;
             let credentials = services.ecr.push_credentials(&uri).await?;
             Ok((uri, credentials))
         }),
-    )
+    );
+    let (commit, registry) = tokio::join!(clone, registry);
+    let commit = commit?;
+    let (repo_uri, credentials) = registry?;
+
+    let has_dockerfile = step("prepare", async {
+        workspace::write_env(workdir, &spec.env)?;
+        workspace::extend_dockerignore(workdir)?;
+        Ok(workspace::dockerfile_exists(workdir, &spec.dockerfile)?)
+    })
     .await?;
 
     let commit_tag = format!("{repo_uri}:{commit}");

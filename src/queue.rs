@@ -117,6 +117,17 @@ impl Queue {
         &self.keys
     }
 
+    /// Through the connection every job's bookkeeping uses, so a health
+    /// check sees what the worker sees.
+    pub async fn ping(&mut self) -> Result<(), RedisError> {
+        redis::cmd("PING").query_async::<String>(&mut self.conn).await.map(drop)
+    }
+
+    /// How many jobs wait in the queue.
+    pub async fn length(&mut self) -> Result<u64, RedisError> {
+        self.conn.llen(&self.keys.queue).await
+    }
+
     /// Waits up to a couple of seconds for a job; `None` when there was none.
     pub async fn take(&mut self) -> Result<Option<String>, RedisError> {
         redis::cmd("BLMOVE")

@@ -7,21 +7,25 @@
 //! a duplicate of one that is running or already done, not cancelled while
 //! it waited, not a job that keeps killing its builders.
 
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::cancel;
 use crate::control::{JobControl, Running, StopReason};
 use crate::dashboard::{Dashboard, LogLine, LogType, Status, StatusReport};
+use crate::error::JobError;
 use crate::job;
 use crate::pipeline::{self, Finished, Outcome, Services};
 use crate::queue::{Claim, Queue, HEARTBEAT_TTL};
+use crate::systemd;
 
 /// A job whose builder died this many times is failed instead of retried.
 pub const MAX_ATTEMPTS: u64 = 3;
@@ -33,6 +37,8 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     pub shutdown_grace: Duration,
     pub cancel_channel: String,
+    /// systemd's watchdog interval (`WATCHDOG_USEC`), when it has one.
+    pub watchdog: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -41,6 +47,10 @@ struct Shared {
     services: Services,
     dashboard: Dashboard,
     running: Running,
+    /// The deployments whose pipeline runs now, for the running_builds
+    /// gauge and systemd's STATUS; unlike `running`, without the jobs that
+    /// are only being checked.
+    building: Arc<Mutex<BTreeSet<String>>>,
     /// How long a deployment's running lock lives: longer than any build.
     lock_ttl: Duration,
     shutdown: CancellationToken,
@@ -63,6 +73,7 @@ pub async fn run(
         services,
         dashboard,
         running: Running::default(),
+        building: Arc::default(),
         shutdown: shutdown.clone(),
     };
     let background = CancellationToken::new();
@@ -76,7 +87,11 @@ pub async fn run(
         subscribed,
         background.clone(),
     ));
-    helpers.spawn(heartbeat(shared.queue.clone(), background.clone()));
+    let (beat, last_beat) = watch::channel(Instant::now());
+    helpers.spawn(heartbeat(shared.queue.clone(), beat, background.clone()));
+    if let Some(interval) = config.watchdog {
+        helpers.spawn(watchdog(interval, last_beat, background.clone(), systemd::watchdog));
+    }
 
     let mut jobs = JoinSet::new();
     if start(&shared, cancel_ready).await {
@@ -85,6 +100,7 @@ pub async fn run(
             concurrency = config.concurrency,
             "deployra-builder ready"
         );
+        systemd::ready();
         take_loop(&shared, config.concurrency, &mut jobs).await;
     }
     drain(&shared, config.shutdown_grace, &mut jobs).await;
@@ -184,8 +200,9 @@ fn log_recovered(moved: u64, when: &str) {
 }
 
 /// Keeps this builder's heartbeat alive and, every few beats, recovers the
-/// jobs of builders whose heartbeat expired.
-async fn heartbeat(mut queue: Queue, stop: CancellationToken) {
+/// jobs of builders whose heartbeat expired. `beat` records each round,
+/// whether Redis answered or not, for the [`watchdog`].
+async fn heartbeat(mut queue: Queue, beat: watch::Sender<Instant>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(HEARTBEAT_TTL / 3);
     let mut beats: u64 = 0;
     loop {
@@ -193,7 +210,9 @@ async fn heartbeat(mut queue: Queue, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = queue.heartbeat().await {
+        let result = queue.heartbeat().await;
+        beat.send_replace(Instant::now());
+        if let Err(e) = result {
             tracing::debug!(error = %e, "heartbeat failed");
             continue;
         }
@@ -203,6 +222,39 @@ async fn heartbeat(mut queue: Queue, stop: CancellationToken) {
                 Ok(n) => log_recovered(n, "while running"),
                 Err(e) => tracing::debug!(error = %e, "recovery of stopped builders' jobs failed"),
             }
+        }
+    }
+}
+
+/// Pings systemd's watchdog at half its interval while the heartbeat loop
+/// goes round. When that loop has not gone round for [`HEARTBEAT_TTL`], the
+/// other builders already take this one for dead and take over its jobs;
+/// the pings stop so that systemd restarts it too. A Redis outage does not
+/// stop the pings: the loop goes round through it, and a restart would only
+/// interrupt the builds.
+async fn watchdog(
+    interval: Duration,
+    last_beat: watch::Receiver<Instant>,
+    stop: CancellationToken,
+    mut ping: impl FnMut(),
+) {
+    let mut tick = tokio::time::interval(interval / 2);
+    let mut stalled = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let silent_for = last_beat.borrow().elapsed();
+        if silent_for < HEARTBEAT_TTL {
+            stalled = false;
+            ping();
+        } else if !stalled {
+            stalled = true;
+            tracing::error!(
+                silent_secs = silent_for.as_secs(),
+                "the heartbeat loop is stuck; no more watchdog pings, systemd will restart the builder"
+            );
         }
     }
 }
@@ -345,6 +397,7 @@ async fn decide(shared: &Shared, raw: &str, id: &str, control: JobControl) -> Se
             },
         )
         .await;
+        shared.services.metrics.job_ended(&Outcome::Cancelled);
         return if delivered { Settle::AckDone } else { Settle::Ack };
     }
     let attempt = redis_retry(shared, "count attempt", false, |mut q| async move {
@@ -359,33 +412,45 @@ async fn decide(shared: &Shared, raw: &str, id: &str, control: JobControl) -> Se
             attempt - 1
         );
         report(shared, id, failed(error)).await;
+        shared.services.metrics.job_failed("interrupted_too_often");
         return Settle::Ack;
     }
     let spec = match job::parse(raw).and_then(job::Job::validate) {
         Ok(spec) => spec,
         Err(invalid) => {
             tracing::warn!(error = %invalid, "invalid job");
-            report(shared, id, failed(format!("invalid job: {invalid}"))).await;
+            let error = JobError::from(invalid);
+            report(shared, id, failed(error.to_string())).await;
+            shared.services.metrics.job_failed(error.kind());
             return Settle::Ack;
         }
     };
     let services = shared.services.clone();
+    let started = Instant::now();
+    let building = Building::enter(shared, id);
     let task = tokio::spawn(async move { pipeline::run(&services, spec, control).await });
-    match task.await {
-        Ok(Finished { outcome, delivered }) => match outcome {
-            Outcome::Interrupted => Settle::Requeue {
-                counts_as_attempt: false,
-            },
-            // The dashboard never heard the verdict: try the job again
-            // later (the attempt counter bounds this).
-            _ if !delivered => Settle::Requeue {
-                counts_as_attempt: true,
-            },
-            Outcome::Builded { .. } | Outcome::Cancelled => Settle::AckDone,
-            Outcome::Failed(_) => Settle::Ack,
-        },
+    let finished = task.await;
+    drop(building);
+    shared.services.metrics.build_ran(started.elapsed());
+    match finished {
+        Ok(Finished { outcome, delivered }) => {
+            shared.services.metrics.job_ended(&outcome);
+            match outcome {
+                Outcome::Interrupted => Settle::Requeue {
+                    counts_as_attempt: false,
+                },
+                // The dashboard never heard the verdict: try the job again
+                // later (the attempt counter bounds this).
+                _ if !delivered => Settle::Requeue {
+                    counts_as_attempt: true,
+                },
+                Outcome::Builded { .. } | Outcome::Cancelled => Settle::AckDone,
+                Outcome::Failed(_) => Settle::Ack,
+            }
+        }
         Err(e) => {
             tracing::error!(error = %e, "job panicked");
+            shared.services.metrics.job_failed("panic");
             report(
                 shared,
                 id,
@@ -395,6 +460,36 @@ async fn decide(shared: &Shared, raw: &str, id: &str, control: JobControl) -> Se
             Settle::Ack
         }
     }
+}
+
+/// A deployment whose pipeline runs, from [`Building::enter`] until the
+/// value is dropped; the running_builds gauge and systemd's STATUS follow.
+struct Building<'a> {
+    shared: &'a Shared,
+    id: &'a str,
+}
+
+impl<'a> Building<'a> {
+    fn enter(shared: &'a Shared, id: &'a str) -> Building<'a> {
+        let mut building = shared.building.lock().expect("building-set lock poisoned");
+        building.insert(id.to_owned());
+        publish_building(shared, &building);
+        Building { shared, id }
+    }
+}
+
+impl Drop for Building<'_> {
+    fn drop(&mut self) {
+        let mut building = self.shared.building.lock().expect("building-set lock poisoned");
+        building.remove(self.id);
+        publish_building(self.shared, &building);
+    }
+}
+
+/// Called with the lock held, so that systemd hears the changes in order.
+fn publish_building(shared: &Shared, building: &BTreeSet<String>) {
+    shared.services.metrics.set_running(building.len());
+    systemd::status(&building.iter().collect::<Vec<_>>(), shared.shutdown.is_cancelled());
 }
 
 fn failed(error: String) -> StatusReport {
@@ -442,5 +537,35 @@ async fn settle(shared: &Shared, raw: &str, id: &str, how: Settle, locked: bool)
         Settle::Ack | Settle::AckDone => {
             redis_retry(shared, "ack", false, |mut q| async move { q.ack(raw).await }).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_is_pinged_only_while_the_heartbeat_loop_goes_round() {
+        let (beat, last_beat) = watch::channel(Instant::now());
+        let pings = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let counter = pings.clone();
+        let task = tokio::spawn(watchdog(Duration::from_secs(2), last_beat, stop.clone(), move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+
+        // One ping a second while the last beat is younger than
+        // HEARTBEAT_TTL (30 s): at 0 s, 1 s, ..., 29 s. (The half seconds
+        // keep the test's wake-ups apart from the watchdog's ticks.)
+        tokio::time::sleep(HEARTBEAT_TTL + Duration::from_millis(10_500)).await;
+        assert_eq!(pings.load(Ordering::SeqCst), 30);
+
+        beat.send_replace(Instant::now());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(pings.load(Ordering::SeqCst), 32, "pings resume with the heartbeat");
+
+        stop.cancel();
+        task.await.unwrap();
     }
 }

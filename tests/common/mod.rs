@@ -467,7 +467,7 @@ impl PrivateRedis {
         self.spawn();
     }
 
-    fn stop(&mut self) {
+    pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-s", "TERM", &child.id().to_string()])
