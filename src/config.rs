@@ -66,6 +66,35 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
 }
 
+/// The settings needed to put a job in the queue, and no more: `enqueue`
+/// runs where a person works, which need not have the dashboard key or AWS
+/// credentials.
+#[derive(Clone, Debug)]
+pub struct QueueConfig {
+    pub redis: RedisSettings,
+    pub queue_name: String,
+}
+
+impl QueueConfig {
+    pub fn from_env() -> Result<QueueConfig, ConfigError> {
+        QueueConfig::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<QueueConfig, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let or_default = |name: &str, default: &str| get(name).unwrap_or_else(|| default.to_owned());
+        Ok(QueueConfig {
+            redis: RedisSettings {
+                host: or_default("REDIS_HOST", "127.0.0.1"),
+                port: parse_number("REDIS_PORT", get("REDIS_PORT"), 6379)?,
+                username: get("REDIS_USERNAME"),
+                password: get("REDIS_PASSWORD").map(Secret::new),
+            },
+            queue_name: or_default("REDIS_QUEUE_NAME", "builder-queue"),
+        })
+    }
+}
+
 impl Config {
     pub fn from_env() -> Result<Config, ConfigError> {
         Config::from_lookup(|name| std::env::var(name).ok())
@@ -77,12 +106,7 @@ impl Config {
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         let or_default = |name: &str, default: &str| get(name).unwrap_or_else(|| default.to_owned());
 
-        let redis = RedisSettings {
-            host: or_default("REDIS_HOST", "127.0.0.1"),
-            port: parse_number("REDIS_PORT", get("REDIS_PORT"), 6379)?,
-            username: get("REDIS_USERNAME"),
-            password: get("REDIS_PASSWORD").map(Secret::new),
-        };
+        let QueueConfig { redis, queue_name } = QueueConfig::from_lookup(&lookup)?;
 
         let api_url = get("API_URL").ok_or_else(|| {
             ConfigError::new(
@@ -120,7 +144,6 @@ impl Config {
         let shutdown_grace_secs: u64 = parse_number("SHUTDOWN_GRACE_SECS", get("SHUTDOWN_GRACE_SECS"), 300)?;
 
         let min_free_gb: u64 = parse_number("BUILD_CACHE_MIN_FREE_GB", get("BUILD_CACHE_MIN_FREE_GB"), 10)?;
-        let queue_name = or_default("REDIS_QUEUE_NAME", "builder-queue");
         let worker_id = get("WORKER_ID").unwrap_or_else(default_worker_id);
         let valid_id = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
         if !worker_id.chars().all(valid_id) || worker_id.starts_with('.') {

@@ -277,6 +277,18 @@ impl LogSink {
     }
 }
 
+/// Where a [`LogShipper`] delivers: the daemon's builds go to the
+/// dashboard; `deployra-builder build` has no dashboard and a person
+/// watching the terminal instead.
+enum Destination {
+    Dashboard {
+        // Boxed: the HTTP client is large and the terminal variant empty.
+        dashboard: Box<Dashboard>,
+        deployment_id: String,
+    },
+    Terminal,
+}
+
 /// Ships one deployment's output to the dashboard in order, batching lines
 /// of the same type into one call.
 pub struct LogShipper {
@@ -286,13 +298,33 @@ pub struct LogShipper {
 
 impl LogShipper {
     pub fn start(dashboard: Dashboard, deployment_id: String, redactor: Redactor, limits: ShipperLimits) -> LogShipper {
+        let destination = Destination::Dashboard {
+            dashboard: Box::new(dashboard),
+            deployment_id,
+        };
+        LogShipper::with_destination(destination, redactor, limits)
+    }
+
+    /// Prints the output as it comes (standard output, and standard error
+    /// for the STDERR and ERROR lines), redacted like the dashboard's copy,
+    /// with no size cap: a local build's reader wants all of it.
+    pub fn to_terminal(redactor: Redactor) -> LogShipper {
+        let limits = ShipperLimits {
+            flush_interval: Duration::from_millis(50),
+            max_build_bytes: usize::MAX,
+            ..ShipperLimits::default()
+        };
+        LogShipper::with_destination(Destination::Terminal, redactor, limits)
+    }
+
+    fn with_destination(destination: Destination, redactor: Redactor, limits: ShipperLimits) -> LogShipper {
         let sink = LogSink {
             pending: Arc::new(Mutex::new(Pending::default())),
             wake: Arc::new(Notify::new()),
             redactor: Arc::new(redactor),
             max_build_bytes: limits.max_build_bytes,
         };
-        let task = tokio::spawn(ship(dashboard, deployment_id, sink.clone(), limits));
+        let task = tokio::spawn(ship(destination, sink.clone(), limits));
         LogShipper { sink, task }
     }
 
@@ -322,16 +354,24 @@ impl LogShipper {
     }
 }
 
-async fn ship(dashboard: Dashboard, deployment_id: String, sink: LogSink, limits: ShipperLimits) {
+async fn ship(destination: Destination, sink: LogSink, limits: ShipperLimits) {
     loop {
-        let (batches, closed) = {
+        let (mut lines, closed) = {
             let mut pending = sink.pending.lock().expect("log buffer lock poisoned");
-            (take_batches(&mut pending.lines, limits.max_batch_bytes), pending.closed)
+            (std::mem::take(&mut pending.lines), pending.closed)
         };
-        for batch in batches {
-            if let Err(e) = dashboard.logs(&deployment_id, &batch, RetryPolicy::LOGS).await {
-                tracing::warn!(deployment_id, error = %e, "build output lost: a log batch could not be delivered");
+        match &destination {
+            Destination::Dashboard {
+                dashboard,
+                deployment_id,
+            } => {
+                for batch in take_batches(&mut lines, limits.max_batch_bytes) {
+                    if let Err(e) = dashboard.logs(deployment_id, &batch, RetryPolicy::LOGS).await {
+                        tracing::warn!(deployment_id, error = %e, "build output lost: a log batch could not be delivered");
+                    }
+                }
             }
+            Destination::Terminal => print_lines(lines),
         }
         if closed && sink.pending.lock().expect("log buffer lock poisoned").lines.is_empty() {
             return;
@@ -341,6 +381,20 @@ async fn ship(dashboard: Dashboard, deployment_id: String, sink: LogSink, limits
             _ = tokio::time::sleep(limits.flush_interval) => {}
         }
     }
+}
+
+/// Writes to the terminal; a closed pipe (`build ... | head`) only loses
+/// the output, never the build.
+fn print_lines(lines: VecDeque<(LogType, String)>) {
+    use std::io::Write;
+    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    for (kind, text) in lines {
+        let _ = match kind {
+            LogType::Stderr | LogType::Error => writeln!(err, "{text}"),
+            LogType::Info | LogType::Stdout => writeln!(out, "{text}"),
+        };
+    }
+    let _ = out.flush();
 }
 
 /// Joins consecutive lines of one type into calls of at most `max_bytes`

@@ -102,6 +102,16 @@ impl Testbed {
         }
     }
 
+    /// The test bed's settings as the daemon reads them (without the
+    /// TESTBED_ ones), for running the binary's other commands.
+    pub fn daemon_env(&self) -> Vec<(String, String)> {
+        self.env
+            .iter()
+            .filter(|(k, _)| !k.starts_with("TESTBED_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     pub fn start_daemon(&self, extra_env: &[(&str, &str)]) -> Daemon {
         self.start_daemon_on(&self.unique("test-queue"), &self.unique("worker"), extra_env)
     }
