@@ -45,6 +45,9 @@ pub struct Config {
     /// Base URL of the dashboard API, without a trailing slash.
     pub api_url: Url,
     pub api_key: Secret,
+    /// `BUILD_LOG_MAX_BYTES`: build output shipped per build; past it, lines
+    /// are counted and one "N lines omitted" line ends the log.
+    pub log_max_bytes: usize,
     pub aws_region: String,
     pub work_dir: PathBuf,
     pub log_level: String,
@@ -143,6 +146,7 @@ impl Config {
         }
         let shutdown_grace_secs: u64 = parse_number("SHUTDOWN_GRACE_SECS", get("SHUTDOWN_GRACE_SECS"), 300)?;
 
+        let log_max_bytes: usize = parse_number("BUILD_LOG_MAX_BYTES", get("BUILD_LOG_MAX_BYTES"), 8 * 1024 * 1024)?;
         let min_free_gb: u64 = parse_number("BUILD_CACHE_MIN_FREE_GB", get("BUILD_CACHE_MIN_FREE_GB"), 10)?;
         let worker_id = get("WORKER_ID").unwrap_or_else(default_worker_id);
         let valid_id = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
@@ -168,6 +172,7 @@ impl Config {
             concurrency,
             shutdown_grace: Duration::from_secs(shutdown_grace_secs),
             worker_id,
+            log_max_bytes,
             cache: CacheConfig {
                 enabled: parse_switch("BUILD_CACHE", get("BUILD_CACHE"), true)?,
                 min_free_bytes: min_free_gb * 1024 * 1024 * 1024,
@@ -304,6 +309,7 @@ mod tests {
             ("METRICS_ADDR", "localhost:9102"),
             ("METRICS_ADDR", "127.0.0.1:99999"),
             ("BUILD_CACHE", "maybe"),
+            ("BUILD_LOG_MAX_BYTES", "big"),
             ("WORKER_ID", "../escape"),
             ("WORKER_ID", "has space"),
             ("BUILD_CACHE_MIN_FREE_GB", "lots"),

@@ -121,7 +121,10 @@ async fn work(
         dashboard: dashboard.clone(),
         work_dir,
         build_timeout: config.build_timeout,
-        log_limits: ShipperLimits::default(),
+        log_limits: ShipperLimits {
+            max_build_bytes: config.log_max_bytes,
+            ..ShipperLimits::default()
+        },
         pack_bin: config.pack_bin.clone(),
         paketo_builder: config.paketo_builder.clone(),
         cache: config.cache,
