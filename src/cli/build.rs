@@ -22,13 +22,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let dockerfile = job::normalize_relative_path(&args.dockerfile)
         .context("--dockerfile: must be a relative path inside the source (no '..')")?;
     let source = Source::parse(&args)?;
-    let docker = Engine::connect()
-        .await
-        .context("cannot reach the Docker Engine (DOCKER_HOST or /var/run/docker.sock)")?;
-    docker
-        .ping()
-        .await
-        .context("the Docker Engine does not answer (DOCKER_HOST or /var/run/docker.sock)")?;
+    let docker = super::connect_docker().await?;
 
     // Ctrl-C stops the clone or the build and still removes the clone.
     let cancel = CancellationToken::new();

@@ -71,13 +71,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let docker = Engine::connect()
-        .await
-        .context("cannot reach the Docker Engine (DOCKER_HOST or /var/run/docker.sock)")?;
-    docker
-        .ping()
-        .await
-        .context("the Docker Engine does not answer (DOCKER_HOST or /var/run/docker.sock)")?;
+    let docker = super::connect_docker().await?;
     let metrics = Metrics::new();
     let endpoints = Endpoints::new(metrics.clone(), docker.clone());
     // Served while Redis is awaited (/healthz then says so) and through the

@@ -181,3 +181,17 @@ fn block_on(task: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -
         }
     }
 }
+
+/// The Docker Engine, connected and answering, or the error an operator
+/// reads: both the daemon and `build` need it before anything else.
+async fn connect_docker() -> anyhow::Result<deployra_builder::image::docker::Engine> {
+    use anyhow::Context;
+    let docker = deployra_builder::image::docker::Engine::connect()
+        .await
+        .context("cannot reach the Docker Engine (DOCKER_HOST or /var/run/docker.sock)")?;
+    docker
+        .ping()
+        .await
+        .context("the Docker Engine does not answer (DOCKER_HOST or /var/run/docker.sock)")?;
+    Ok(docker)
+}
