@@ -5,8 +5,8 @@
 //! pack is a program, not an API, so cancelling means stopping a process
 //! tree: pack runs in its own process group, and a cancel sends SIGTERM to
 //! the whole group (pack then removes its build container), then SIGKILL to
-//! whatever is left after [`TERM_GRACE`]. No signal is sent by a syscall of
-//! ours (the crate forbids `unsafe`); the `kill` program delivers them.
+//! whatever is left after [`TERM_GRACE`]. The signals go through rustix's
+//! safe `kill_process_group`, so the runtime image needs no `kill` program.
 //!
 //! The job's environment values are secrets, and a command line is readable
 //! by every user of the machine (`ps`). They go to pack through a 0600
@@ -26,6 +26,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustix::process::{kill_process_group, Pid, Signal};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -161,7 +162,7 @@ pub async fn build(req: &PackRequest, log: &LogSink, cancel: &CancellationToken)
                 None
             }
         };
-        group.kill_stragglers().await;
+        group.kill_stragglers();
         exited.cancel();
         outcome
     };
@@ -339,16 +340,16 @@ impl ProcessGroup {
     }
 
     /// SIGTERM to the group; SIGKILL if pack is still there after
-    /// [`TERM_GRACE`]. Without the `kill` program only pack itself can be
+    /// [`TERM_GRACE`]. Should the group be gone, pack itself is still
     /// killed (tokio's `start_kill`).
     async fn terminate(&self, child: &mut Child) {
         let Some(pgid) = self.pgid else { return };
-        if !signal_group(pgid, "TERM").await {
+        if !signal_group(pgid, Signal::TERM) {
             let _ = child.start_kill();
         }
         if tokio::time::timeout(TERM_GRACE, child.wait()).await.is_err() {
             tracing::warn!(pgid, "pack did not stop within {TERM_GRACE:?} of SIGTERM; killing it");
-            if !signal_group(pgid, "KILL").await {
+            if !signal_group(pgid, Signal::KILL) {
                 let _ = child.start_kill();
             }
             let _ = child.wait().await;
@@ -356,9 +357,9 @@ impl ProcessGroup {
     }
 
     /// Once pack has exited, nothing it started may outlive the build.
-    async fn kill_stragglers(&self) {
+    fn kill_stragglers(&self) {
         if let Some(pgid) = self.pgid {
-            signal_group(pgid, "KILL").await;
+            signal_group(pgid, Signal::KILL);
         }
     }
 
@@ -369,14 +370,8 @@ impl ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        // A drop cannot await; starting `kill` takes a millisecond.
         if let Some(pgid) = self.pgid {
-            let _ = std::process::Command::new("kill")
-                .args(["-KILL", "--", &format!("-{pgid}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            signal_group(pgid, Signal::KILL);
         }
     }
 }
@@ -410,21 +405,16 @@ fn inherited_env() -> impl Iterator<Item = (OsString, OsString)> {
 }
 
 /// Whether the signal was delivered: false when the group is gone already
-/// or `kill` cannot be run.
-async fn signal_group(pgid: u32, signal: &str) -> bool {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg("--")
-        .arg(format!("-{pgid}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
-    match status {
-        Ok(status) => status.success(),
+/// (ESRCH, the usual case for a straggler sweep) or cannot be signalled.
+fn signal_group(pgid: u32, signal: Signal) -> bool {
+    let Some(pid) = i32::try_from(pgid).ok().and_then(Pid::from_raw) else {
+        return false;
+    };
+    match kill_process_group(pid, signal) {
+        Ok(()) => true,
+        Err(rustix::io::Errno::SRCH) => false,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot run `kill` to signal pack's process group");
+            tracing::warn!(pgid, error = %e, "cannot signal pack's process group");
             false
         }
     }
