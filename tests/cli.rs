@@ -41,6 +41,22 @@ fn check_passes_against_the_test_bed() {
     let out = cli(&bed, &["check"], &[]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(!text(&out).contains("FAIL"), "{}", text(&out));
+    // PACK_BIN is the test bed's stand-in, which reports this version.
+    assert!(text(&out).contains("ok   pack 0.0.0+fake-pack ("), "{}", text(&out));
+}
+
+#[test]
+fn check_says_how_to_install_a_missing_pack() {
+    let bed = Testbed::load();
+    let out = cli(&bed, &["check"], &[("PACK_BIN", "/nonexistent/pack")]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    let line = all
+        .lines()
+        .find(|l| l.starts_with("FAIL pack (/nonexistent/pack)"))
+        .unwrap_or_else(|| panic!("no FAIL line for pack:\n{all}"));
+    assert!(line.contains("install it from https://buildpacks.io/"), "{line}");
+    assert!(line.contains("repositories that have no Dockerfile fail"), "{line}");
 }
 
 #[test]

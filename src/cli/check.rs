@@ -9,6 +9,7 @@ use std::time::Duration;
 use deployra_builder::config::Config;
 use deployra_builder::dashboard::{Dashboard, LogLine, LogType, ReportError, RetryPolicy};
 use deployra_builder::image::docker::Engine;
+use deployra_builder::image::pack::{self, PackError};
 use deployra_builder::queue;
 use deployra_builder::redact::Redactor;
 use deployra_builder::registry::ecr::Ecr;
@@ -62,10 +63,14 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
         format!("dashboard {}", config.api_url),
         bounded(check_dashboard(&config)).await,
     );
+    match bounded(check_pack(&config.pack_bin)).await {
+        Ok(version) => report(format!("pack {version} ({})", config.pack_bin), Ok(())),
+        Err(problem) => report(format!("pack ({})", config.pack_bin), Err(problem)),
+    }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
-async fn bounded(check: impl Future<Output = Result<(), String>>) -> Result<(), String> {
+async fn bounded<T>(check: impl Future<Output = Result<T, String>>) -> Result<T, String> {
     tokio::time::timeout(CHECK_TIMEOUT, check)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {}s", CHECK_TIMEOUT.as_secs())))
@@ -130,4 +135,13 @@ async fn check_dashboard(config: &Config) -> Result<(), String> {
         }
         Err(e) => Err(format!("{e} — is the dashboard up? check API_URL")),
     }
+}
+
+/// Repositories without a Dockerfile are built by pack: a builder without
+/// it fails those builds, so its absence is a FAIL, not a warning.
+async fn check_pack(pack_bin: &str) -> Result<String, String> {
+    pack::version(pack_bin).await.map_err(|e| match e {
+        PackError::NotInstalled { .. } => format!("{e}; without it, repositories that have no Dockerfile fail"),
+        other => other.to_string(),
+    })
 }

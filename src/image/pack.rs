@@ -107,6 +107,34 @@ pub enum PackError {
     Cancelled,
 }
 
+/// `pack --version`, for `deployra-builder check`: whether PACK_BIN runs,
+/// and which release it is.
+pub async fn version(pack_bin: &str) -> Result<String, PackError> {
+    let out = Command::new(pack_bin)
+        .arg("--version")
+        .env_clear()
+        .envs(inherited_env())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| spawn_error(pack_bin, e))?;
+    let last_line = |bytes: &[u8]| {
+        String::from_utf8_lossy(bytes)
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map(|l| l.trim().to_owned())
+    };
+    if !out.status.success() {
+        return Err(PackError::Failed {
+            status: out.status,
+            last_line: last_line(&out.stderr).or_else(|| last_line(&out.stdout)),
+        });
+    }
+    Ok(last_line(&out.stdout).unwrap_or_default())
+}
+
 /// Runs `pack build` and streams its output to `log` line by line, stdout
 /// as STDOUT and stderr as STDERR. On success the image `req.image` is in
 /// the local Docker daemon.
