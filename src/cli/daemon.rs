@@ -49,8 +49,13 @@ fn init_tracing(config: &Config) {
         .with_env_filter(filter)
         .with_target(false)
         .with_ansi(std::io::stdout().is_terminal());
+    // systemd sets JOURNAL_STREAM when the output goes to journald, which
+    // stamps every line itself: a second timestamp would only be noise.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     if std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         builder.json().init();
+    } else if journald {
+        builder.without_time().init();
     } else {
         builder.init();
     }

@@ -197,7 +197,7 @@ impl Testbed {
 
     /// Waits for the deployment's final status (BUILDED, FAILED or
     /// CANCELLED) and returns all its calls.
-    pub async fn wait_final(&self, deployment_id: &str, daemon: &mut Daemon) -> Dashboard {
+    pub async fn wait_final(&self, deployment_id: &str, daemon: &mut impl Builder) -> Dashboard {
         let started = Instant::now();
         loop {
             let calls = self.calls(deployment_id).await;
@@ -213,7 +213,7 @@ impl Testbed {
                     calls: self.calls(deployment_id).await,
                 };
             }
-            if let Some(status) = daemon.child.try_wait().unwrap() {
+            if let Some(status) = daemon.exited() {
                 panic!(
                     "daemon exited ({status}) before {deployment_id} finished:\n{}",
                     daemon.output()
@@ -573,6 +573,25 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A running builder, as the waits above watch it: a process of the test's
+/// own ([`Daemon`]), or a service under systemd (tests/systemd.rs).
+pub trait Builder {
+    /// How it ended, once it has, for good.
+    fn exited(&mut self) -> Option<String>;
+    /// What it wrote so far (its journal).
+    fn output(&self) -> String;
+}
+
+impl Builder for Daemon {
+    fn exited(&mut self) -> Option<String> {
+        self.child.try_wait().unwrap().map(|status| status.to_string())
+    }
+
+    fn output(&self) -> String {
+        Daemon::output(self)
     }
 }
 
