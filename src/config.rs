@@ -148,6 +148,9 @@ impl Config {
 
         let log_max_bytes: usize = parse_number("BUILD_LOG_MAX_BYTES", get("BUILD_LOG_MAX_BYTES"), 8 * 1024 * 1024)?;
         let min_free_gb: u64 = parse_number("BUILD_CACHE_MIN_FREE_GB", get("BUILD_CACHE_MIN_FREE_GB"), 10)?;
+        let min_free_bytes = min_free_gb
+            .checked_mul(1024 * 1024 * 1024)
+            .ok_or_else(|| ConfigError::new("BUILD_CACHE_MIN_FREE_GB", "is too large"))?;
         let worker_id = get("WORKER_ID").unwrap_or_else(default_worker_id);
         let valid_id = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
         if !worker_id.chars().all(valid_id) || worker_id.starts_with('.') {
@@ -175,7 +178,7 @@ impl Config {
             log_max_bytes,
             cache: CacheConfig {
                 enabled: parse_switch("BUILD_CACHE", get("BUILD_CACHE"), true)?,
-                min_free_bytes: min_free_gb * 1024 * 1024 * 1024,
+                min_free_bytes,
             },
             pack_bin: or_default("PACK_BIN", pack::DEFAULT_PACK_BIN),
             paketo_builder: or_default("PAKETO_BUILDER", pack::DEFAULT_BUILDER),
@@ -313,6 +316,7 @@ mod tests {
             ("WORKER_ID", "../escape"),
             ("WORKER_ID", "has space"),
             ("BUILD_CACHE_MIN_FREE_GB", "lots"),
+            ("BUILD_CACHE_MIN_FREE_GB", "99999999999"),
         ];
         for (var, value) in cases {
             let mut vars: Vec<_> = MINIMAL.iter().copied().filter(|(k, _)| *k != var).collect();
