@@ -35,9 +35,13 @@ pub struct Services {
     pub pack_bin: String,
     pub paketo_builder: String,
     pub cache: CacheConfig,
-    /// One disk check at a time; concurrent jobs ending together would
-    /// otherwise evict twice.
-    pub disk_check: Arc<tokio::sync::Mutex<()>>,
+    /// Builds hold it shared while the Engine makes their image; pruning
+    /// holds it alone. The classic builder leaves each step's image
+    /// untagged until the next step starts from it, so a prune during a
+    /// build could remove the image that build is about to use. Fair: a
+    /// waiting prune holds back builds that have not started, not running
+    /// ones. It also keeps disk checks one at a time.
+    pub disk: Arc<tokio::sync::RwLock<()>>,
     pub metrics: Metrics,
 }
 
@@ -172,10 +176,7 @@ async fn run_in_span(services: &Services, spec: BuildSpec, control: JobControl) 
         other => tracing::info!(outcome = other.label(), elapsed_ms, "job stopped"),
     }
     cleanup(services, &workdir, &local_tags).await;
-    {
-        let _one_at_a_time = services.disk_check.lock().await;
-        cache::enforce_budget(&services.docker, &services.cache).await;
-    }
+    cache::enforce_budget(&services.docker, &services.cache, &services.disk).await;
     Finished { outcome, delivered }
 }
 
@@ -332,6 +333,7 @@ async fn build(
 
     let commit_tag = format!("{repo_uri}:{commit}");
     local_tags.push(commit_tag.clone());
+    let _no_pruning = services.disk.read().await;
     if has_dockerfile {
         let cache = race(token, async {
             Ok(cache_source(services, spec, &repo_uri, &credentials, log, local_tags).await)

@@ -127,7 +127,7 @@ async fn work(
         pack_bin: config.pack_bin.clone(),
         paketo_builder: config.paketo_builder.clone(),
         cache: config.cache,
-        disk_check: Arc::default(),
+        disk: Arc::default(),
         metrics,
     };
     tracing::info!(queue = %config.queue_name, worker_id = %config.worker_id, "connected to Redis and Docker");

@@ -10,6 +10,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use tokio::sync::RwLock;
+
 use super::docker::Engine;
 
 /// The local repository of kept images, one tag per service.
@@ -68,7 +70,8 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 /// Frees disk when Docker's data disk is short of `min_free_bytes`: first
 /// images nothing refers to, then kept caches, least recently used first,
 /// until there is enough room. Logs what it removed; never fails a job.
-pub async fn enforce_budget(engine: &Engine, config: &CacheConfig) {
+/// Pruning waits for the running builds to finish their build step (`disk`).
+pub async fn enforce_budget(engine: &Engine, config: &CacheConfig, disk: &RwLock<()>) {
     let root = match engine.data_root().await {
         Ok(Some(root)) => root,
         Ok(None) => return,
@@ -78,6 +81,11 @@ pub async fn enforce_budget(engine: &Engine, config: &CacheConfig) {
         }
     };
     let short = || free_bytes(&root).is_some_and(|free| free < config.min_free_bytes);
+    if !short() {
+        return;
+    }
+    // Alone: no build is between two steps, and no other check prunes.
+    let _alone = disk.write().await;
     if !short() {
         return;
     }
