@@ -366,6 +366,11 @@ class Daemon:
             "WORKER_ID": self.worker_id,
             "WORK_DIR": str(self.dir / "work"),
             "LOG_LEVEL": "info",
+            # Both sides start every round from the same cache state: a kept
+            # build cache would hand later rounds of A, and B through the
+            # Engine's local cache, the layers of the first round
+            # (bench/cache.py measures that effect on its own).
+            "BUILD_CACHE": "off",
         })
         env.update(extra_env or {})
         bench.redis_keys.update({self.queue, f"{self.queue}:processing:{self.worker_id}", f"{self.queue}:dead"})
