@@ -7,8 +7,12 @@
 //! with an id but a bad field is the user's deployment failing, so it is
 //! reported as FAILED naming the field ([`InvalidJob`]).
 
+use std::fmt;
+
 use reqwest::Url;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
+use serde_json::error::Category;
 
 use crate::redact::{Redactor, Secret};
 
@@ -44,12 +48,48 @@ impl InvalidJob {
 
 /// Extracts the deployment id, the minimum needed to report anything.
 pub fn deployment_id(raw: &str) -> Result<String, Unroutable> {
-    let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| Unroutable::NotJson(e.to_string()))?;
-    let object = value.as_object().ok_or(Unroutable::NotAnObject)?;
-    match object.get("deploymentId") {
+    let routing: Routing = serde_json::from_str(raw).map_err(|e| match e.classify() {
+        Category::Data => Unroutable::NotAnObject,
+        _ => Unroutable::NotJson(e.to_string()),
+    })?;
+    match routing.deployment_id {
         None | Some(serde_json::Value::Null) => Err(Unroutable::MissingDeploymentId),
-        Some(serde_json::Value::String(id)) if is_valid_id(id) => Ok(id.clone()),
+        Some(serde_json::Value::String(id)) if is_valid_id(&id) => Ok(id),
         Some(_) => Err(Unroutable::BadDeploymentId),
+    }
+}
+
+/// The top-level object with only `deploymentId` kept. The other fields are
+/// skipped unread, as [`Job`] skips unknown ones: building them (as a
+/// `serde_json::Value` would) stops at 128 levels of nesting, which would
+/// dead-letter a job the full parse accepts.
+struct Routing {
+    deployment_id: Option<serde_json::Value>,
+}
+
+impl<'de> Deserialize<'de> for Routing {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = Routing;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Routing, A::Error> {
+                let mut deployment_id = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key == "deploymentId" {
+                        deployment_id = Some(map.next_value()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(Routing { deployment_id })
+            }
+        }
+        deserializer.deserialize_map(Fields)
     }
 }
 
@@ -284,6 +324,14 @@ fn git_source(provider: GitProvider, repository: &str) -> Result<GitSource, Inva
             if !matches!(base.scheme(), "http" | "https") {
                 return Err(InvalidJob::new("gitProvider.url", "must be an http:// or https:// URL"));
             }
+            // The repository path is appended to the URL: after a query or
+            // fragment it would end up inside it.
+            if base.query().is_some() || base.fragment().is_some() {
+                return Err(InvalidJob::new(
+                    "gitProvider.url",
+                    "must not have a query (?) or fragment (#)",
+                ));
+            }
             // Credentials written into the URL are moved out of it, so that
             // the URL can be logged.
             let url_user = (!base.username().is_empty()).then(|| base.username().to_owned());
@@ -472,9 +520,24 @@ mod tests {
     }
 
     #[test]
+    fn unknown_fields_nested_past_serde_json_s_recursion_limit_are_skipped() {
+        let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
+        let raw = with(serde_json::json!({}));
+        let raw = format!(r#"{{"someFutureField":{deep},{}"#, &raw[1..]);
+        assert_eq!(deployment_id(&raw).unwrap(), "dep_123");
+        assert_eq!(spec(&raw).unwrap().deployment_id, "dep_123");
+    }
+
+    #[test]
     fn unroutable_payloads() {
         assert!(matches!(deployment_id("not json"), Err(Unroutable::NotJson(_))));
+        assert!(matches!(
+            deployment_id("{\"deploymentId\":"),
+            Err(Unroutable::NotJson(_))
+        ));
         assert!(matches!(deployment_id("[1,2]"), Err(Unroutable::NotAnObject)));
+        assert!(matches!(deployment_id("\"dep_1\""), Err(Unroutable::NotAnObject)));
+        assert!(matches!(deployment_id("null"), Err(Unroutable::NotAnObject)));
         assert!(matches!(
             deployment_id(r#"{"serviceId":"x"}"#),
             Err(Unroutable::MissingDeploymentId)
@@ -517,6 +580,14 @@ mod tests {
             ),
             (
                 serde_json::json!({"gitProvider": {"type": "CUSTOM", "url": null}}),
+                "gitProvider.url",
+            ),
+            (
+                serde_json::json!({"gitProvider": {"type": "CUSTOM", "url": "https://git.example.com/scm?x"}}),
+                "gitProvider.url",
+            ),
+            (
+                serde_json::json!({"gitProvider": {"type": "CUSTOM", "url": "https://git.example.com/scm#top"}}),
                 "gitProvider.url",
             ),
             (
