@@ -202,17 +202,21 @@ pub fn short(sha: &str) -> &str {
 /// wrong when serde rejects it.
 pub fn parse(raw: &str) -> Result<Job, InvalidJob> {
     let mut de = serde_json::Deserializer::from_str(raw);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let job = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
         // serde_json's message quotes the offending value, which may be a
         // secret; keep only its classification.
         let problem = match inner.classify() {
-            serde_json::error::Category::Data => "has the wrong type or value".to_owned(),
+            Category::Data => "has the wrong type or value".to_owned(),
             _ => format!("malformed JSON ({inner})"),
         };
         InvalidJob::new(if field == "." { "job".to_owned() } else { field }, problem)
-    })
+    })?;
+    // Only white space may follow the object, as for serde_json::from_str.
+    de.end()
+        .map_err(|e| InvalidJob::new("job", format!("malformed JSON ({e})")))?;
+    Ok(job)
 }
 
 impl Job {
@@ -526,6 +530,14 @@ mod tests {
         let raw = format!(r#"{{"someFutureField":{deep},{}"#, &raw[1..]);
         assert_eq!(deployment_id(&raw).unwrap(), "dep_123");
         assert_eq!(spec(&raw).unwrap().deployment_id, "dep_123");
+    }
+
+    #[test]
+    fn trailing_characters_make_a_payload_unroutable_and_invalid() {
+        let raw = format!("{CONTRACT_EXAMPLE}]}}");
+        assert!(matches!(deployment_id(&raw), Err(Unroutable::NotJson(_))));
+        assert_eq!(spec(&raw).unwrap_err().field, "job");
+        assert!(spec(&format!("{CONTRACT_EXAMPLE}\n")).is_ok());
     }
 
     #[test]
