@@ -25,7 +25,7 @@ pub enum Unroutable {
     NotAnObject,
     #[error("deploymentId: missing")]
     MissingDeploymentId,
-    #[error("deploymentId: must be a non-empty string without control characters")]
+    #[error("deploymentId: {}", ID_RULE)]
     BadDeploymentId,
 }
 
@@ -92,6 +92,8 @@ impl<'de> Deserialize<'de> for Routing {
         deserializer.deserialize_map(Fields)
     }
 }
+
+const ID_RULE: &str = "must be a non-empty string of at most 256 bytes, without control characters";
 
 fn is_valid_id(id: &str) -> bool {
     !id.trim().is_empty() && id.len() <= 256 && !id.chars().any(char::is_control)
@@ -221,6 +223,16 @@ pub fn parse(raw: &str) -> Result<Job, InvalidJob> {
 
 impl Job {
     pub fn validate(self) -> Result<BuildSpec, InvalidJob> {
+        // The worker routes first, so there this never fails; `enqueue`
+        // relies on it to refuse a job the worker would dead-letter.
+        if !is_valid_id(&self.deployment_id) {
+            return Err(InvalidJob::new(
+                "deploymentId",
+                Unroutable::BadDeploymentId
+                    .to_string()
+                    .trim_start_matches("deploymentId: "),
+            ));
+        }
         let service_id = required("serviceId", self.service_id)?;
         if !is_ecr_name_component(&service_id) {
             return Err(InvalidJob::new(
@@ -530,6 +542,18 @@ mod tests {
         let raw = format!(r#"{{"someFutureField":{deep},{}"#, &raw[1..]);
         assert_eq!(deployment_id(&raw).unwrap(), "dep_123");
         assert_eq!(spec(&raw).unwrap().deployment_id, "dep_123");
+    }
+
+    #[test]
+    fn a_deployment_id_routing_refuses_is_invalid_too() {
+        for id in ["", " ", "a\nb", &"x".repeat(257), &"\u{fffd}".repeat(90)] {
+            let raw = with(serde_json::json!({ "deploymentId": id }));
+            assert!(
+                matches!(deployment_id(&raw), Err(Unroutable::BadDeploymentId)),
+                "{id:?}"
+            );
+            assert_eq!(spec(&raw).unwrap_err().field, "deploymentId", "{id:?}");
+        }
     }
 
     #[test]
