@@ -62,7 +62,8 @@ pub fn deployment_id(raw: &str) -> Result<String, Unroutable> {
 /// The top-level object with only `deploymentId` kept. The other fields are
 /// skipped unread, as [`Job`] skips unknown ones: building them (as a
 /// `serde_json::Value` would) stops at 128 levels of nesting, which would
-/// dead-letter a job the full parse accepts.
+/// dead-letter a job the full parse accepts. Written by hand because a
+/// derived struct would also read a JSON array, positionally.
 struct Routing {
     deployment_id: Option<serde_json::Value>,
 }
@@ -226,12 +227,7 @@ impl Job {
         // The worker routes first, so there this never fails; `enqueue`
         // relies on it to refuse a job the worker would dead-letter.
         if !is_valid_id(&self.deployment_id) {
-            return Err(InvalidJob::new(
-                "deploymentId",
-                Unroutable::BadDeploymentId
-                    .to_string()
-                    .trim_start_matches("deploymentId: "),
-            ));
+            return Err(InvalidJob::new("deploymentId", ID_RULE));
         }
         let service_id = required("serviceId", self.service_id)?;
         if !is_ecr_name_component(&service_id) {

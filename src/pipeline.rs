@@ -333,7 +333,7 @@ async fn build(
 
     let commit_tag = format!("{repo_uri}:{commit}");
     local_tags.push(commit_tag.clone());
-    let _no_pruning = services.disk.read().await;
+    let no_pruning = services.disk.read().await;
     if has_dockerfile {
         let cache = race(token, async {
             Ok(cache_source(services, spec, &repo_uri, &credentials, log, local_tags).await)
@@ -378,6 +378,8 @@ async fn build(
         })
         .await?;
     }
+    // The image is tagged now; the push needs no protection from a prune.
+    drop(no_pruning);
 
     let digest = step(
         "push",

@@ -13,7 +13,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{wait_until, Builder, Dashboard, FixtureRepo, Testbed};
+use common::{wait_until, Builder, Dashboard, FixtureRepo, Job, Testbed};
 
 const IMAGE: &str = "local/debian-systemd:bookworm";
 const UNIT: &str = "deployra-builder";
@@ -185,11 +185,16 @@ fn slow_repo(bed: &Testbed, seconds: u32) -> FixtureRepo {
     repo
 }
 
-async fn wait_status_names(host: &Host, deployment: &str) {
-    wait_until(&format!("systemctl status names {deployment}"), || {
-        host.show("StatusText").contains(deployment)
+/// Queues a job whose build takes `seconds`, and waits until `systemctl
+/// status` names it: the build is running.
+async fn queue_running_build(bed: &Testbed, host: &Host, seconds: u32) -> Job {
+    let job = bed.job(&slow_repo(bed, seconds), serde_json::json!({}));
+    bed.rpush(&host.queue, &job.payload()).await;
+    wait_until(&format!("systemctl status names {}", job.deployment_id), || {
+        host.show("StatusText").contains(&job.deployment_id)
     })
     .await;
+    job
 }
 
 fn assert_builded(dash: &Dashboard) {
@@ -222,10 +227,7 @@ async fn starts_when_ready_builds_and_shows_its_status() {
     let user = host.sh(&format!("stat -c %U /proc/{pid}"));
     assert_eq!(user.trim(), "deployra");
 
-    let repo = slow_repo(&bed, 4);
-    let job = bed.job(&repo, serde_json::json!({}));
-    bed.rpush(&host.queue, &job.payload()).await;
-    wait_status_names(&host, &job.deployment_id).await;
+    let job = queue_running_build(&bed, &host, 4).await;
     assert!(
         host.show("StatusText").starts_with("building 1: "),
         "{}",
@@ -258,10 +260,7 @@ async fn stop_lets_the_running_build_finish() {
     let bed = Testbed::load();
     let mut host = Host::install(&bed, &[], None).await;
     host.sh(&format!("systemctl start {UNIT}"));
-    let repo = slow_repo(&bed, 3);
-    let job = bed.job(&repo, serde_json::json!({}));
-    bed.rpush(&host.queue, &job.payload()).await;
-    wait_status_names(&host, &job.deployment_id).await;
+    let job = queue_running_build(&bed, &host, 3).await;
 
     // `systemctl stop` returns when the builder has exited.
     host.sh(&format!("systemctl stop {UNIT}"));
@@ -300,10 +299,7 @@ async fn a_killed_builder_is_restarted_and_builds_its_job() {
     let bed = Testbed::load();
     let mut host = Host::install(&bed, &[], None).await;
     host.sh(&format!("systemctl start {UNIT}"));
-    let repo = slow_repo(&bed, 3);
-    let job = bed.job(&repo, serde_json::json!({}));
-    bed.rpush(&host.queue, &job.payload()).await;
-    wait_status_names(&host, &job.deployment_id).await;
+    let job = queue_running_build(&bed, &host, 3).await;
 
     host.sh(&format!("systemctl kill --signal=SIGKILL {UNIT}"));
     let dash = bed.wait_final(&job.deployment_id, &mut host).await;
