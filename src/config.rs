@@ -9,6 +9,7 @@ use std::time::Duration;
 use reqwest::Url;
 
 use crate::image::cache::CacheConfig;
+use crate::image::docker::Builder;
 use crate::image::pack;
 use crate::redact::Secret;
 
@@ -59,6 +60,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Layer reuse across builds of a service.
     pub cache: CacheConfig,
+    /// `DOCKER_BUILDER`: BuildKit (the default) or the classic builder.
+    pub docker_builder: Builder,
     /// The `pack` CLI, for repositories without a Dockerfile.
     pub pack_bin: String,
     pub paketo_builder: String,
@@ -160,6 +163,7 @@ impl Config {
             ));
         }
 
+        let docker_builder = parse_builder(get("DOCKER_BUILDER").as_deref())?;
         let metrics_addr = get("METRICS_ADDR").map(|v| parse_metrics_addr(&v)).transpose()?;
 
         Ok(Config {
@@ -180,10 +184,23 @@ impl Config {
                 enabled: parse_switch("BUILD_CACHE", get("BUILD_CACHE"), true)?,
                 min_free_bytes,
             },
+            docker_builder,
             pack_bin: or_default("PACK_BIN", pack::DEFAULT_PACK_BIN),
             paketo_builder: or_default("PAKETO_BUILDER", pack::DEFAULT_BUILDER),
             metrics_addr,
         })
+    }
+}
+
+/// `DOCKER_BUILDER`: `buildkit` (the default) or `classic`.
+pub fn parse_builder(value: Option<&str>) -> Result<Builder, ConfigError> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("buildkit") => Ok(Builder::BuildKit),
+        Some("classic") => Ok(Builder::Classic),
+        Some(other) => Err(ConfigError::new(
+            "DOCKER_BUILDER",
+            format!("{other:?} is not a builder: buildkit or classic"),
+        )),
     }
 }
 
@@ -312,6 +329,7 @@ mod tests {
             ("METRICS_ADDR", "localhost:9102"),
             ("METRICS_ADDR", "127.0.0.1:99999"),
             ("BUILD_CACHE", "maybe"),
+            ("DOCKER_BUILDER", "kaniko"),
             ("BUILD_LOG_MAX_BYTES", "big"),
             ("WORKER_ID", "../escape"),
             ("WORKER_ID", "has space"),

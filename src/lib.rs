@@ -11,7 +11,9 @@
 //!    span: [`git`] fetches exactly the commit to build, [`workspace`] writes
 //!    the job's `.env` and `.dockerignore`, [`image::context`] streams the
 //!    build context as a tar honouring `.dockerignore`, [`image::docker`]
-//!    builds and pushes through the Docker Engine API, and
+//!    builds (with the Engine's BuildKit, whose progress [`image::buildkit`]
+//!    turns into log lines, or its classic builder) and pushes through the
+//!    Docker Engine API, and
 //!    [`registry::ecr`] provides the repository and the push credentials.
 //! 3. Every status and every line of build output goes to the dashboard
 //!    through [`dashboard`]: statuses are retried, output is batched by a

@@ -267,7 +267,7 @@ async fn secrets_never_reach_the_dashboard_the_journal_or_an_error() {
     // The build echoed the secret; the user sees that it did, masked.
     dash.assert_in_order(&["API_TOKEN='***'", "leaking:***"]);
     let error = dash.final_status()["error"].as_str().unwrap();
-    assert!(error.contains("non-zero code: 7"), "{error}");
+    assert!(error.contains(&tb.exit_code_text(7)), "{error}");
 
     // A build that succeeds pushes with the registry password.
     let clean = tb.new_repo("secrets-clean");

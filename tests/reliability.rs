@@ -7,13 +7,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::{containers_with, wait_until, Daemon, PrivateRedis, Testbed};
+use common::{build_steps_with, wait_until, Daemon, PrivateRedis, Testbed};
 use serde_json::json;
 
 /// A Dockerfile whose second step prints a marker and then runs for a long
-/// time (or `seconds`), so tests can act while it runs.
+/// time (or `seconds`), so tests can act while it runs. The waiting shell
+/// carries the marker in its command line for as long as the step runs
+/// (a shell whose last command is `sleep` may become `sleep` itself).
 fn sleeper(marker: &str, seconds: u32) -> String {
-    format!("FROM local/busybox:latest\nRUN echo started-{marker} && sleep {seconds}\nCOPY . /app\n")
+    format!(
+        "FROM local/busybox:latest\nRUN echo started-{marker} && sh -c 'sleep {seconds}; true' {marker}\nCOPY . /app\n"
+    )
 }
 
 fn sleeper_repo(tb: &Testbed, marker: &str, seconds: u32) -> common::FixtureRepo {
@@ -23,8 +27,8 @@ fn sleeper_repo(tb: &Testbed, marker: &str, seconds: u32) -> common::FixtureRepo
 }
 
 async fn wait_containers_gone(marker: &str) {
-    wait_until(&format!("no build container of {marker} is left"), || {
-        containers_with(marker).is_empty()
+    wait_until(&format!("no build step of {marker} is left running"), || {
+        build_steps_with(marker).is_empty()
     })
     .await;
 }
@@ -40,8 +44,8 @@ async fn cancelling_a_running_build_stops_it_inside_docker() {
     tb.wait_log(&job.deployment_id, &format!("started-{marker}"), 1, &mut daemon)
         .await;
     assert!(
-        !containers_with(&marker).is_empty(),
-        "the build step should be running in a container"
+        !build_steps_with(&marker).is_empty(),
+        "the build step should be running"
     );
 
     tb.publish_cancel(&job.deployment_id).await;
@@ -140,7 +144,7 @@ async fn concurrent_builds_overlap_and_a_cancel_reaches_only_its_own() {
         .await;
     tb.wait_log(&b.deployment_id, &format!("started-{short_marker}"), 1, &mut daemon)
         .await;
-    assert!(!containers_with(&long_marker).is_empty() && !containers_with(&short_marker).is_empty());
+    assert!(!build_steps_with(&long_marker).is_empty() && !build_steps_with(&short_marker).is_empty());
 
     tb.publish_cancel(&a.deployment_id).await;
     let dash_a = tb.wait_final(&a.deployment_id, &mut daemon).await;

@@ -22,7 +22,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let dockerfile = job::normalize_relative_path(&args.dockerfile)
         .context("--dockerfile: must be a relative path inside the source (no '..')")?;
     let source = Source::parse(&args)?;
-    let docker = super::connect_docker().await?;
+    let docker = super::connect_docker(args.builder).await?;
 
     // Ctrl-C stops the clone or the build and still removes the clone.
     let cancel = CancellationToken::new();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use deployra_builder::config::Config;
 use deployra_builder::dashboard::{Dashboard, LogLine, LogType, ReportError, RetryPolicy};
-use deployra_builder::image::docker::Engine;
+use deployra_builder::image::docker::{Builder, Engine};
 use deployra_builder::image::pack::{self, PackError};
 use deployra_builder::queue;
 use deployra_builder::redact::Redactor;
@@ -54,7 +54,7 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     report("configuration".to_owned(), Ok(()));
     let redis = format!("redis {}:{}", config.redis.host, config.redis.port);
     report(redis, bounded(check_redis(&config)).await);
-    report("docker".to_owned(), bounded(check_docker()).await);
+    report("docker".to_owned(), bounded(check_docker(config.docker_builder)).await);
     report(
         format!("ecr credentials ({})", config.aws_region),
         bounded(check_ecr()).await,
@@ -90,9 +90,9 @@ async fn check_redis(config: &Config) -> Result<(), String> {
         .map_err(|e| format!("{e} — {fix}"))
 }
 
-async fn check_docker() -> Result<(), String> {
+async fn check_docker(builder: Builder) -> Result<(), String> {
     let fix = "is the Docker Engine running, and may this user use it? check DOCKER_HOST or /var/run/docker.sock";
-    let engine = Engine::connect().await.map_err(|e| format!("{e} — {fix}"))?;
+    let engine = Engine::connect(builder).await.map_err(|e| format!("{e} — {fix}"))?;
     engine.ping().await.map_err(|e| format!("{e} — {fix}"))
 }
 

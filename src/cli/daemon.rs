@@ -76,7 +76,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let docker = super::connect_docker().await?;
+    let docker = super::connect_docker(config.docker_builder).await?;
     let metrics = Metrics::new();
     let endpoints = Endpoints::new(metrics.clone(), docker.clone());
     // Served while Redis is awaited (/healthz then says so) and through the

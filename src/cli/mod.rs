@@ -139,6 +139,13 @@ struct BuildArgs {
     /// environment variable: a flag shows in `ps`.
     #[arg(long, env = "GIT_PASSWORD", hide_env_values = true)]
     git_password: Option<String>,
+    /// The Engine's builder: buildkit or classic, as the daemon's setting.
+    #[arg(long, env = "DOCKER_BUILDER", default_value = "buildkit", value_parser = parse_builder)]
+    builder: deployra_builder::image::docker::Builder,
+}
+
+fn parse_builder(arg: &str) -> Result<deployra_builder::image::docker::Builder, String> {
+    deployra_builder::config::parse_builder(Some(arg)).map_err(|e| e.problem)
 }
 
 /// `--env KEY=VALUE`: split at the first '=', so values may contain '='.
@@ -184,9 +191,11 @@ fn block_on(task: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -
 
 /// The Docker Engine, connected and answering, or the error an operator
 /// reads: both the daemon and `build` need it before anything else.
-async fn connect_docker() -> anyhow::Result<deployra_builder::image::docker::Engine> {
+async fn connect_docker(
+    builder: deployra_builder::image::docker::Builder,
+) -> anyhow::Result<deployra_builder::image::docker::Engine> {
     use anyhow::Context;
-    let docker = deployra_builder::image::docker::Engine::connect()
+    let docker = deployra_builder::image::docker::Engine::connect(builder)
         .await
         .context("cannot reach the Docker Engine (DOCKER_HOST or /var/run/docker.sock)")?;
     docker

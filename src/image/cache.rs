@@ -21,6 +21,10 @@ pub const CACHE_REPOSITORY: &str = "deployra-cache";
 /// cache is an optimisation: a slow registry must not hold the build up.
 pub const PULL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The steps in which BuildKit's cache is pruned, oldest use first, until
+/// the disk has room: a week, a day, an hour, then everything.
+const BUILD_CACHE_AGES: [Option<&str>; 4] = [Some("168h"), Some("24h"), Some("1h"), None];
+
 #[derive(Clone, Copy, Debug)]
 pub struct CacheConfig {
     /// `BUILD_CACHE`: off builds every layer anew.
@@ -46,17 +50,17 @@ pub enum CacheSource {
     From(Vec<String>),
 }
 
-/// A kept image and when it was last tagged, that is last built: the
-/// engine's RFC 3339 UTC time, which sorts as text.
+/// A kept image and when it was last tagged, that is last built, in
+/// nanoseconds since the epoch (0 when the engine does not say).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeptImage {
     pub tag: String,
-    pub last_used: String,
+    pub last_used: i128,
 }
 
 /// Kept images in the order they are evicted: least recently used first.
 pub fn eviction_order(mut kept: Vec<KeptImage>) -> Vec<KeptImage> {
-    kept.sort_by(|a, b| a.last_used.cmp(&b.last_used));
+    kept.sort_by_key(|k| k.last_used);
     kept
 }
 
@@ -68,7 +72,8 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 }
 
 /// Frees disk when Docker's data disk is short of `min_free_bytes`: first
-/// images nothing refers to, then kept caches, least recently used first,
+/// images nothing refers to, then BuildKit's build cache and kept caches,
+/// each least recently used first,
 /// until there is enough room. Logs what it removed; never fails a job.
 /// Pruning waits for the running builds to finish their build step (`disk`).
 pub async fn enforce_budget(engine: &Engine, config: &CacheConfig, disk: &RwLock<()>) {
@@ -96,6 +101,21 @@ pub async fn enforce_budget(engine: &Engine, config: &CacheConfig, disk: &RwLock
         "Docker's disk is short of space; pruning"
     );
     prune(engine, "unreferenced images").await;
+    // BuildKit's cache, least recently used first: the `until` filter is
+    // what every Engine API version offers for that.
+    for unused_for in BUILD_CACHE_AGES {
+        if !short() {
+            return;
+        }
+        let what = match unused_for {
+            Some(age) => format!("build cache unused for {age}"),
+            None => "build cache".to_owned(),
+        };
+        match engine.prune_build_cache(unused_for).await {
+            Ok(bytes) => tracing::info!(what, freed_bytes = bytes, "pruned"),
+            Err(e) => tracing::warn!(what, error = %e, "pruning failed"),
+        }
+    }
     if !short() {
         return;
     }
@@ -133,15 +153,15 @@ mod tests {
         let kept = vec![
             KeptImage {
                 tag: "deployra-cache/b:latest".into(),
-                last_used: "2026-11-23T10:00:03.5Z".into(),
+                last_used: 1_795_000_003_500_000_000,
             },
             KeptImage {
                 tag: "deployra-cache/a:latest".into(),
-                last_used: "2026-11-22T23:59:59.9Z".into(),
+                last_used: 1_794_999_999_900_000_000,
             },
             KeptImage {
                 tag: "deployra-cache/c:latest".into(),
-                last_used: "2026-11-23T10:00:03.25Z".into(),
+                last_used: 1_795_000_003_250_000_000,
             },
         ];
         let order: Vec<_> = eviction_order(kept).into_iter().map(|k| k.tag).collect();

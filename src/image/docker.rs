@@ -1,6 +1,10 @@
 //! Builds and pushes through the Docker Engine API (bollard), forwarding
 //! every line of output to the build's log as it arrives.
 //!
+//! Dockerfiles are built by BuildKit (the Engine's own, through a session
+//! it serves on `/session`) unless the operator chose the classic builder
+//! or the Engine refuses BuildKit; [`super::buildkit`] reads its progress.
+//!
 //! Cancellation is by dropping: the futures here are raced against the
 //! job's token by the pipeline, and dropping a build or push closes its HTTP
 //! request, which makes the engine abort it.
@@ -8,20 +12,26 @@
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as DockerError;
+use bollard::grpc::BuildRef;
+use bollard::models::BuildInfoAux;
 use bollard::query_parameters::{
-    BuildImageOptions, CreateImageOptions, ListImagesOptions, PruneImagesOptions, PushImageOptions, RemoveImageOptions,
-    TagImageOptions,
+    BuildImageOptions, BuilderVersion, CreateImageOptions, ListImagesOptions, PruneBuildOptions, PruneImagesOptions,
+    PushImageOptions, RemoveImageOptions, TagImageOptions,
 };
 use bollard::Docker;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
+use super::buildkit::{Progress, CLIPPED_NOTICE};
 use super::cache::{CacheSource, KeptImage, CACHE_REPOSITORY};
 use super::context::{self, ContextError, ContextStats};
+use super::lines::LineBuffer;
 use crate::dashboard::{LogSink, LogType};
 use crate::registry::ecr::PushCredentials;
 
@@ -35,6 +45,11 @@ pub enum ImageError {
     Context(#[from] ContextError),
     #[error("pushing {image} failed: {message}")]
     PushFailed { image: String, message: String },
+    /// The Engine would not build with BuildKit: an engine without it, or
+    /// one that refuses sessions. The caller falls back to the classic
+    /// builder.
+    #[error("the Docker Engine refused a BuildKit build: {message}")]
+    BuildKitRefused { message: String },
     #[error("Docker Engine {operation} failed: {source}")]
     Engine {
         operation: &'static str,
@@ -49,9 +64,52 @@ fn engine(operation: &'static str) -> impl FnOnce(DockerError) -> ImageError {
     move |source| ImageError::Engine { operation, source }
 }
 
+/// Which of the Engine's builders makes images from Dockerfiles
+/// (`DOCKER_BUILDER`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Builder {
+    /// BuildKit, through a session the Engine serves itself: what
+    /// `docker build` uses on every Engine since 23.0.
+    BuildKit,
+    /// The Engine's original builder, deprecated by Docker: no `RUN
+    /// --mount`, `COPY --chmod` or skipped stages.
+    Classic,
+}
+
+/// The builder in use, shared by every clone of an [`Engine`]: a fallback
+/// to the classic builder holds for the rest of the process.
+struct BuilderChoice {
+    buildkit: AtomicBool,
+}
+
+impl BuilderChoice {
+    fn uses_buildkit(&self) -> bool {
+        self.buildkit.load(Ordering::Relaxed)
+    }
+
+    /// Switches to the classic builder; true for the first caller only, so
+    /// that the switch is logged once.
+    fn fall_back(&self) -> bool {
+        self.buildkit.swap(false, Ordering::Relaxed)
+    }
+}
+
+/// Whether an Engine's answer to a BuildKit build means it will not do
+/// BuildKit at all, as opposed to a build that failed.
+fn refuses_buildkit(e: &DockerError) -> bool {
+    match e {
+        DockerError::DockerResponseServerError { status_code, message } => {
+            let message = message.to_ascii_lowercase();
+            matches!(status_code, 400 | 404 | 501) && (message.contains("buildkit") || message.contains("session"))
+        }
+        _ => false,
+    }
+}
+
 #[derive(Clone)]
 pub struct Engine {
     docker: Docker,
+    builder: Arc<BuilderChoice>,
 }
 
 /// What to build: the checkout, the Dockerfile inside it, the tag to give,
@@ -66,16 +124,45 @@ pub struct BuildRequest {
 impl Engine {
     /// Connects as Docker's own client does (`DOCKER_HOST` or the local
     /// socket) and settles on the API version both sides speak.
-    pub async fn connect() -> Result<Engine, DockerError> {
+    pub async fn connect(builder: Builder) -> Result<Engine, DockerError> {
         let docker = Docker::connect_with_defaults()?.negotiate_version().await?;
-        Ok(Engine { docker })
+        let builder = Arc::new(BuilderChoice {
+            buildkit: AtomicBool::new(builder == Builder::BuildKit),
+        });
+        Ok(Engine { docker, builder })
     }
 
     pub async fn ping(&self) -> Result<(), DockerError> {
         self.docker.ping().await.map(drop)
     }
 
+    /// Builds the image with the builder this engine was given; when that
+    /// is BuildKit and the Engine refuses it, with the classic builder from
+    /// then on.
     pub async fn build(&self, req: &BuildRequest, log: &LogSink) -> Result<ContextStats, ImageError> {
+        if self.builder.uses_buildkit() {
+            match self.build_with(Builder::BuildKit, req, log).await {
+                Err(ImageError::BuildKitRefused { message }) => {
+                    if self.builder.fall_back() {
+                        tracing::warn!(
+                            engine_said = %message,
+                            "the Docker Engine refused a BuildKit session; building with the classic builder from now on"
+                        );
+                    }
+                    log.info("This Docker Engine does not offer BuildKit; building with the classic builder");
+                }
+                other => return other,
+            }
+        }
+        self.build_with(Builder::Classic, req, log).await
+    }
+
+    async fn build_with(
+        &self,
+        builder: Builder,
+        req: &BuildRequest,
+        log: &LogSink,
+    ) -> Result<ContextStats, ImageError> {
         let (tx, mut rx) = mpsc::channel::<Result<Bytes, io::Error>>(8);
         let root = req.root.clone();
         let dockerfile = req.dockerfile.clone();
@@ -99,7 +186,7 @@ impl Engine {
             CacheSource::Local => (false, None),
             CacheSource::From(images) => (false, Some(images.clone())),
         };
-        let options = BuildImageOptions {
+        let mut options = BuildImageOptions {
             dockerfile: req.dockerfile.clone(),
             t: Some(req.tag.clone()),
             platform: PLATFORM.to_owned(),
@@ -109,30 +196,62 @@ impl Engine {
             cachefrom,
             ..Default::default()
         };
+        if builder == Builder::BuildKit {
+            options.version = BuilderVersion::BuilderBuildKit;
+            options.session = Some(BuildRef::random().into());
+            if !nocache {
+                // The cache metadata goes into the pushed image, so that a
+                // host that has never built this service can reuse its
+                // layers (`cachefrom`).
+                options.buildargs = Some(HashMap::from([("BUILDKIT_INLINE_CACHE".to_owned(), "1".to_owned())]));
+            }
+        }
         let mut output = self.docker.build_image(options, None, Some(body));
-        let mut splitter = LineSplitter::default();
+        let mut lines = LineBuffer::default();
+        let mut progress = Progress::default();
+        let mut spoke_buildkit = false;
         let mut step: Option<String> = None;
         let mut failure: Option<ImageError> = None;
         while let Some(item) = output.next().await {
             match item {
                 Ok(info) => {
+                    if let Some(BuildInfoAux::BuildKit(status)) = info.aux {
+                        spoke_buildkit = true;
+                        for (kind, line) in progress.update(status) {
+                            log.line(kind, &line);
+                        }
+                    }
                     if let Some(text) = info.stream {
-                        for line in splitter.push(&text) {
+                        lines.push(text.as_bytes(), &mut |line| {
                             if line.starts_with("Step ") {
                                 step = Some(line.clone());
                             }
                             log.line(LogType::Stdout, &line);
-                        }
+                        });
                     }
                     if let Some(status) = info.status {
                         log.line(LogType::Stdout, &status);
                     }
                 }
                 Err(DockerError::DockerStreamError { error }) => {
-                    failure = Some(ImageError::BuildFailed {
-                        step: step.clone(),
-                        message: error.trim().to_owned(),
+                    let message = error.trim().to_owned();
+                    failure = Some(match progress.failure() {
+                        Some(f) => ImageError::BuildFailed {
+                            step: Some(f.step.clone()),
+                            message: f.message.clone(),
+                        },
+                        None => {
+                            log.line(LogType::Error, &message);
+                            ImageError::BuildFailed {
+                                step: step.clone(),
+                                message,
+                            }
+                        }
                     });
+                    break;
+                }
+                Err(e) if builder == Builder::BuildKit && !spoke_buildkit && refuses_buildkit(&e) => {
+                    failure = Some(ImageError::BuildKitRefused { message: e.to_string() });
                     break;
                 }
                 Err(e) => {
@@ -141,8 +260,14 @@ impl Engine {
                 }
             }
         }
-        if let Some(rest) = splitter.finish() {
+        if let Some(rest) = lines.finish() {
             log.line(LogType::Stdout, &rest);
+        }
+        for (kind, line) in progress.finish() {
+            log.line(kind, &line);
+        }
+        if progress.clipped() {
+            tracing::warn!("{CLIPPED_NOTICE}");
         }
         drop(output);
         let context_result = writer_task.await.map_err(|e| ImageError::BuildFailed {
@@ -151,13 +276,8 @@ impl Engine {
         })?;
         match (failure, context_result) {
             // The engine ran steps, so it had the whole context: the step's
-            // failure is the story.
-            (Some(failure @ ImageError::BuildFailed { .. }), _) => {
-                if let ImageError::BuildFailed { message, .. } = &failure {
-                    log.line(LogType::Error, message);
-                }
-                Err(failure)
-            }
+            // failure is the story. So is a refusal, which the caller acts on.
+            (Some(failure @ (ImageError::BuildFailed { .. } | ImageError::BuildKitRefused { .. })), _) => Err(failure),
             // A context that could not be written explains an aborted
             // request better than the engine's side of it.
             (_, Err(context)) => Err(context.into()),
@@ -279,7 +399,10 @@ impl Engine {
         let mut kept = Vec::new();
         for tag in images.into_iter().flat_map(|i| i.repo_tags) {
             let last_used = match self.docker.inspect_image(&tag).await {
-                Ok(inspect) => inspect.metadata.and_then(|m| m.last_tag_time).unwrap_or_default(),
+                Ok(inspect) => inspect
+                    .metadata
+                    .and_then(|m| m.last_tag_time)
+                    .map_or(0, |t| t.unix_timestamp_nanos()),
                 Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => continue,
                 Err(e) => return Err(engine("inspect")(e)),
             };
@@ -307,6 +430,23 @@ impl Engine {
         Ok(pruned.space_reclaimed.unwrap_or(0).max(0) as u64)
     }
 
+    /// Removes BuildKit's cache records unused for at least `unused_for`
+    /// (`"24h"`), or all of them; returns the bytes freed. BuildKit's cache
+    /// is not images: pruning images leaves it whole.
+    pub async fn prune_build_cache(&self, unused_for: Option<&str>) -> Result<u64, ImageError> {
+        let options = PruneBuildOptions {
+            all: Some(true),
+            filters: unused_for.map(|age| HashMap::from([("until".to_owned(), vec![age.to_owned()])])),
+            ..Default::default()
+        };
+        let pruned = self
+            .docker
+            .prune_build(Some(options))
+            .await
+            .map_err(engine("prune build cache"))?;
+        Ok(pruned.space_reclaimed.unwrap_or(0).max(0) as u64)
+    }
+
     /// Removes a local tag; the layers go when nothing else references them.
     pub async fn remove_tag(&self, image: &str) -> Result<(), DockerError> {
         let options = RemoveImageOptions {
@@ -327,33 +467,6 @@ fn parse_digest(status: &str) -> Option<&str> {
     let rest = status.split_once("digest: ")?.1;
     let digest = rest.split_whitespace().next()?;
     digest.starts_with("sha256:").then_some(digest)
-}
-
-/// The engine streams output in arbitrary chunks; users read lines.
-#[derive(Default)]
-struct LineSplitter {
-    partial: String,
-}
-
-impl LineSplitter {
-    fn push(&mut self, chunk: &str) -> Vec<String> {
-        self.partial.push_str(chunk);
-        let mut lines = Vec::new();
-        while let Some(pos) = self.partial.find('\n') {
-            let mut line: String = self.partial.drain(..=pos).collect();
-            line.pop();
-            if line.ends_with('\r') {
-                line.pop();
-            }
-            lines.push(line);
-        }
-        lines
-    }
-
-    fn finish(&mut self) -> Option<String> {
-        let rest = std::mem::take(&mut self.partial);
-        (!rest.is_empty()).then_some(rest)
-    }
 }
 
 /// Adapts the blocking tar writer to the async request body: chunks of
@@ -404,17 +517,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lines_are_reassembled_across_chunks() {
-        let mut s = LineSplitter::default();
-        assert_eq!(s.push("Step 1/2 : FR"), Vec::<String>::new());
-        assert_eq!(
-            s.push("OM x\n ---> abc\r\npart"),
-            vec!["Step 1/2 : FROM x", " ---> abc"]
-        );
-        assert_eq!(s.push("ial\n\n"), vec!["partial", ""]);
-        assert_eq!(s.finish(), None);
-        s.push("tail");
-        assert_eq!(s.finish().as_deref(), Some("tail"));
+    fn only_an_engine_that_will_not_do_buildkit_is_a_refusal() {
+        let answer = |status_code, message: &str| DockerError::DockerResponseServerError {
+            status_code,
+            message: message.to_owned(),
+        };
+        assert!(refuses_buildkit(&answer(400, "buildkit not supported by daemon")));
+        assert!(refuses_buildkit(&answer(404, "page not found: /session")));
+        assert!(!refuses_buildkit(&answer(500, "buildkit: worker crashed")));
+        assert!(!refuses_buildkit(&answer(
+            400,
+            "dockerfile parse error line 2: unknown instruction: FOO"
+        )));
+        assert!(!refuses_buildkit(&DockerError::DockerStreamError {
+            error: "executor failed running [/bin/sh -c exit 3]: exit code: 3".to_owned(),
+        }));
+    }
+
+    #[test]
+    fn the_classic_builder_is_chosen_once_and_for_all() {
+        let choice = BuilderChoice {
+            buildkit: AtomicBool::new(true),
+        };
+        assert!(choice.uses_buildkit());
+        assert!(choice.fall_back(), "the first fallback is the one logged");
+        assert!(!choice.fall_back());
+        assert!(!choice.uses_buildkit());
     }
 
     #[test]

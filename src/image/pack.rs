@@ -32,6 +32,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 use super::docker::PLATFORM;
+use super::lines::LineBuffer;
 use crate::dashboard::{LogSink, LogType};
 use crate::redact::{Redactor, Secret};
 
@@ -49,10 +50,6 @@ pub const TERM_GRACE: Duration = Duration::from_secs(5);
 /// A process that left pack's group could hold the output pipes open
 /// forever; once pack has exited its output gets this long to end.
 const DRAIN: Duration = Duration::from_secs(2);
-
-/// A tool that redraws a progress bar without newlines must not make one
-/// line of unbounded size.
-const MAX_LINE: usize = 16 * 1024;
 
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -486,70 +483,9 @@ async fn pump(
     last
 }
 
-/// Splits a byte stream into lines (`\n` or `\r\n`), decoding each lossily:
-/// build output is not always UTF-8.
-#[derive(Default)]
-struct LineBuffer {
-    partial: Vec<u8>,
-}
-
-impl LineBuffer {
-    fn push(&mut self, mut data: &[u8], emit: &mut impl FnMut(String)) {
-        while let Some(pos) = data.iter().position(|&b| b == b'\n') {
-            self.partial.extend_from_slice(&data[..pos]);
-            data = &data[pos + 1..];
-            emit(Self::decode(std::mem::take(&mut self.partial)));
-        }
-        self.partial.extend_from_slice(data);
-        while self.partial.len() >= MAX_LINE {
-            let rest = self.partial.split_off(MAX_LINE);
-            emit(Self::decode(std::mem::replace(&mut self.partial, rest)));
-        }
-    }
-
-    fn finish(&mut self) -> Option<String> {
-        let rest = std::mem::take(&mut self.partial);
-        (!rest.is_empty()).then(|| Self::decode(rest))
-    }
-
-    fn decode(mut line: Vec<u8>) -> String {
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        String::from_utf8_lossy(&line).into_owned()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn split(chunks: &[&[u8]]) -> Vec<String> {
-        let mut buffer = LineBuffer::default();
-        let mut lines = Vec::new();
-        for chunk in chunks {
-            buffer.push(chunk, &mut |line| lines.push(line));
-        }
-        lines.extend(buffer.finish());
-        lines
-    }
-
-    #[test]
-    fn lines_are_reassembled_across_reads() {
-        assert_eq!(
-            split(&[b"===> DETEC", b"TING\r\nnpm i\n\nlast", b" words"]),
-            ["===> DETECTING", "npm i", "", "last words"]
-        );
-    }
-
-    #[test]
-    fn invalid_utf8_and_endless_lines_still_make_lines() {
-        let long = vec![b'x'; MAX_LINE + 10];
-        let lines = split(&[b"caf\xe9\n", &long]);
-        assert_eq!(lines[0], "caf\u{fffd}");
-        assert_eq!(lines[1].len(), MAX_LINE);
-        assert_eq!(lines[2], "x".repeat(10));
-    }
 
     #[test]
     fn only_values_pack_reads_back_exactly_go_to_the_env_file() {

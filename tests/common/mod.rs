@@ -27,11 +27,31 @@ impl Testbed {
     pub fn load() -> Testbed {
         let state = std::env::var("TESTBED_STATE").unwrap_or_else(|_| "/var/lib/deployra-testbed".to_owned());
         let path = Path::new(&state).join("env");
-        let env = dotenvy::from_path_iter(&path)
+        let mut env = dotenvy::from_path_iter(&path)
             .unwrap_or_else(|e| panic!("{}: {e}; start the test bed with ./testbed/up", path.display()))
             .collect::<Result<HashMap<_, _>, _>>()
             .expect("test bed env file is malformed");
+        // `DOCKER_BUILDER=classic ./testbed/test ...` runs the tests against
+        // the classic builder (`.ci/run` does for the pipeline tests).
+        if let Ok(builder) = std::env::var("DOCKER_BUILDER") {
+            env.insert("DOCKER_BUILDER".to_owned(), builder);
+        }
         Testbed { env }
+    }
+
+    /// Whether the daemons under test build with the classic builder
+    /// rather than BuildKit: the output's wording differs.
+    pub fn classic(&self) -> bool {
+        self.env.get("DOCKER_BUILDER").is_some_and(|b| b == "classic")
+    }
+
+    /// How the builder in use words a RUN step's exit status `code`.
+    pub fn exit_code_text(&self, code: u8) -> String {
+        if self.classic() {
+            format!("non-zero code: {code}")
+        } else {
+            format!("exit code: {code}")
+        }
     }
 
     pub fn get(&self, key: &str) -> &str {
@@ -409,6 +429,28 @@ pub fn containers_with(marker: &str) -> Vec<String> {
         .filter(|l| l.contains(marker))
         .map(str::to_owned)
         .collect()
+}
+
+/// What runs a build step whose command holds `marker`: the classic
+/// builder's containers, or the processes BuildKit runs directly (they are
+/// no containers of the Engine's, but they are processes of this host).
+pub fn build_steps_with(marker: &str) -> Vec<String> {
+    let mut found = containers_with(marker);
+    let me = std::process::id().to_string();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(marker) {
+            found.push(format!("pid {pid}: {cmdline}"));
+        }
+    }
+    found
 }
 
 /// Polls `condition` until it holds; fails after [`WAIT`] with `what`.
