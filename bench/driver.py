@@ -371,6 +371,7 @@ class Daemon:
             # Engine's local cache, the layers of the first round
             # (bench/cache.py measures that effect on its own).
             "BUILD_CACHE": "off",
+            "DOCKER_BUILDER": bench.args.builder,
         })
         env.update(extra_env or {})
         bench.redis_keys.update({self.queue, f"{self.queue}:processing:{self.worker_id}", f"{self.queue}:dead"})
@@ -874,13 +875,24 @@ class Bench:
             rss_max_kib=rss.max_kib,
             calls=len(calls),
             log_lines=len(lines),
-            cache_hits=sum(1 for line in lines if "Using cache" in line),
+            cache_hits=sum(1 for line in lines if "Using cache" in line or line.endswith(" CACHED")),
             git_bytes=git_bytes,
             git_requests=git_reqs,
             image=image,
         )
 
     # ---------------------------------------------------------- B path
+
+    def build_cli(self) -> list[str]:
+        """The docker CLI for B's build. BuildKit: the docker.io package's
+        own CLI, which builds with BuildKit without buildx (the newer CLI
+        first on PATH here refuses to); classic: whichever is first."""
+        if self.args.builder == "buildkit" and Path("/usr/bin/docker").exists():
+            return ["/usr/bin/docker"]
+        return ["docker"]
+
+    def build_env(self) -> dict[str, str]:
+        return {**os.environ, "DOCKER_BUILDKIT": "1" if self.args.builder == "buildkit" else "0"}
 
     def run_b(self, fx: Fixture) -> BRun:
         svc = self.fresh(f"{fx.key}-b")
@@ -904,7 +916,8 @@ class Bench:
             self.b_tags.add(tag)
             build_out = work / "build.out"
             with open(build_out, "wb") as out:
-                run(cfg + ["build", "-t", tag, str(src)], timeout=self.args.build_timeout, stdout=out)
+                run(self.build_cli() + ["--config", str(self.docker_config), "build", "-t", tag, str(src)],
+                    timeout=self.args.build_timeout, stdout=out, env=self.build_env())
             t2 = time.time()
             push = run(cfg + ["push", tag], timeout=self.args.build_timeout)
             t3 = time.time()
@@ -912,7 +925,7 @@ class Bench:
             if m:
                 self.pushed.append((f"deployra/{svc}", m.group(1).decode()))
             build_text = build_out.read_bytes()
-            cache_hits = build_text.count(b"Using cache")
+            cache_hits = build_text.count(b"Using cache") + build_text.count(b" CACHED")
             output_lines = build_text.count(b"\n") + push.stdout.count(b"\n")
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -1448,6 +1461,8 @@ class Bench:
 def main() -> int:
     p = argparse.ArgumentParser(description="deployra-builder vs git+docker benchmark on the test bed")
     p.add_argument("--rounds", type=int, default=5, help="measured rounds per scenario (default 5)")
+    p.add_argument("--builder", choices=["buildkit", "classic"], default="buildkit",
+                   help="the daemon's DOCKER_BUILDER, and B's builder: DOCKER_BUILDKIT=1 or 0 (default buildkit)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured A+B rounds before each A/B scenario (default 1)")
     p.add_argument("--only", default=",".join(ALL_SCENARIOS),
                    help=f"comma-separated subset of {','.join(ALL_SCENARIOS)} (default: all)")
