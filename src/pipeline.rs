@@ -348,6 +348,7 @@ async fn build(
                     dockerfile: spec.dockerfile.clone(),
                     tag: commit_tag.clone(),
                     cache,
+                    secrets: Arc::new(spec.env.iter().cloned().collect()),
                 };
                 services.docker.build(&req, log).await.map_err(JobError::Build)?;
                 Ok(())

@@ -46,6 +46,48 @@ RUN test ! -e /mnt/bound.txt && echo the-bound-file-stays-out-of-the-image
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_job_variable_is_a_build_secret_that_stays_out_of_the_image_and_the_logs() {
+    let tb = Testbed::load();
+    let value = format!("postgres://app:pw-{}@db.internal/app", tb.unique("s"));
+    let repo = tb.new_repo("bk-secret");
+    repo.write(
+        "Dockerfile",
+        "FROM local/busybox:latest
+RUN --mount=type=secret,id=DATABASE_URL echo \"secret read, shouted: $(tr a-z A-Z < /run/secrets/DATABASE_URL)\"
+RUN --mount=type=secret,id=DATABASE_URL cp /run/secrets/DATABASE_URL /tmp/copy && wc -c < /tmp/copy > /secret-length && rm /tmp/copy
+RUN test ! -e /run/secrets/DATABASE_URL && echo the-secret-is-gone-after-its-step
+",
+    )
+    .commit("secret");
+    let mut daemon = tb.start_daemon(&[]);
+    let job = tb.job(
+        &repo,
+        json!({ "environmentVariables": [{"key": "DATABASE_URL", "value": value}] }),
+    );
+    tb.rpush(&daemon.queue, &job.payload()).await;
+    let dash = tb.wait_final(&job.deployment_id, &mut daemon).await;
+    assert_eq!(dash.statuses(), ["BUILDING", "BUILDED"], "{:#?}", dash.calls);
+    // The step read the value: its upper-case form is no secret to mask.
+    dash.assert_in_order(&[
+        &format!("secret read, shouted: {}", value.to_uppercase()),
+        "the-secret-is-gone-after-its-step",
+    ]);
+    let uri = dash.final_status()["data"]["containerImageUri"].as_str().unwrap();
+    assert_eq!(
+        tb.read_file_in_image(uri, "/secret-length").trim(),
+        value.len().to_string()
+    );
+
+    assert!(!dash.everything().contains(&value), "the secret reached the dashboard");
+    assert!(!daemon.output().contains(&value), "the secret reached the journal");
+    let image = tb.image_contents(uri);
+    assert!(
+        !image.windows(value.len()).any(|w| w == value.as_bytes()),
+        "the secret is in the image's history, config or layers"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_failing_stage_the_image_does_not_use_is_skipped() {
     let tb = Testbed::load();
     let repo = tb.new_repo("bk-stages");

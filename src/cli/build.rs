@@ -77,6 +77,8 @@ async fn build(
         dockerfile: dockerfile.to_owned(),
         tag: args.tag.clone(),
         cache: CacheSource::Local,
+        // A local build has no deployment whose variables could be secrets.
+        secrets: Default::default(),
     };
     let stats = tokio::select! {
         built = docker.build(&request, log) => built.context("build failed")?,

@@ -10,6 +10,7 @@ use deployra_builder::config::Config;
 use deployra_builder::dashboard::{Dashboard, LogLine, LogType, ReportError, RetryPolicy};
 use deployra_builder::image::docker::{Builder, Engine};
 use deployra_builder::image::pack::{self, PackError};
+use deployra_builder::image::session::Registries;
 use deployra_builder::queue;
 use deployra_builder::redact::Redactor;
 use deployra_builder::registry::ecr::Ecr;
@@ -55,6 +56,22 @@ pub async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let redis = format!("redis {}:{}", config.redis.host, config.redis.port);
     report(redis, bounded(check_redis(&config)).await);
     report("docker".to_owned(), bounded(check_docker(config.docker_builder)).await);
+    match super::registry_logins() {
+        Ok(logins) => {
+            let mut hosts: Vec<_> = logins.hosts().collect();
+            hosts.sort_unstable();
+            let hosts = if hosts.is_empty() {
+                "none".to_owned()
+            } else {
+                hosts.join(", ")
+            };
+            report(format!("registry logins for builds: {hosts}"), Ok(()));
+        }
+        Err(e) => report(
+            "registry logins for builds".to_owned(),
+            Err(format!("{e} — fix the file or point DOCKER_CONFIG at another")),
+        ),
+    }
     report(
         format!("ecr credentials ({})", config.aws_region),
         bounded(check_ecr()).await,
@@ -92,7 +109,9 @@ async fn check_redis(config: &Config) -> Result<(), String> {
 
 async fn check_docker(builder: Builder) -> Result<(), String> {
     let fix = "is the Docker Engine running, and may this user use it? check DOCKER_HOST or /var/run/docker.sock";
-    let engine = Engine::connect(builder).await.map_err(|e| format!("{e} — {fix}"))?;
+    let engine = Engine::connect(builder, Registries::default())
+        .await
+        .map_err(|e| format!("{e} — {fix}"))?;
     engine.ping().await.map_err(|e| format!("{e} — {fix}"))
 }
 

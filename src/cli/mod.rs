@@ -189,13 +189,29 @@ fn block_on(task: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -
     }
 }
 
+/// The registry logins builds may use: the `auths` of Docker's own config
+/// file (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`).
+fn registry_logins(
+) -> Result<deployra_builder::image::session::Registries, deployra_builder::image::session::RegistriesError> {
+    use deployra_builder::image::session::Registries;
+    let path = Registries::config_path(
+        std::env::var("DOCKER_CONFIG").ok().as_deref(),
+        std::env::var("HOME").ok().as_deref(),
+    );
+    match path {
+        Some(path) => Registries::load(&path),
+        None => Ok(Registries::default()),
+    }
+}
+
 /// The Docker Engine, connected and answering, or the error an operator
 /// reads: both the daemon and `build` need it before anything else.
 async fn connect_docker(
     builder: deployra_builder::image::docker::Builder,
 ) -> anyhow::Result<deployra_builder::image::docker::Engine> {
     use anyhow::Context;
-    let docker = deployra_builder::image::docker::Engine::connect(builder)
+    let registries = registry_logins()?;
+    let docker = deployra_builder::image::docker::Engine::connect(builder, registries)
         .await
         .context("cannot reach the Docker Engine (DOCKER_HOST or /var/run/docker.sock)")?;
     docker

@@ -12,26 +12,29 @@
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as DockerError;
 use bollard::grpc::BuildRef;
-use bollard::models::BuildInfoAux;
+use bollard::models::{BuildInfo, BuildInfoAux};
 use bollard::query_parameters::{
     BuildImageOptions, BuilderVersion, CreateImageOptions, ListImagesOptions, PruneBuildOptions, PruneImagesOptions,
     PushImageOptions, RemoveImageOptions, TagImageOptions,
 };
 use bollard::Docker;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use super::buildkit::{Progress, CLIPPED_NOTICE};
 use super::cache::{CacheSource, KeptImage, CACHE_REPOSITORY};
 use super::context::{self, ContextError, ContextStats};
+use super::engine_conn::{EngineAddress, EngineApi};
 use super::lines::LineBuffer;
+use super::session::{self, BuildSecrets, Registries};
 use crate::dashboard::{LogSink, LogType};
 use crate::registry::ecr::PushCredentials;
 
@@ -110,26 +113,49 @@ fn refuses_buildkit(e: &DockerError) -> bool {
 pub struct Engine {
     docker: Docker,
     builder: Arc<BuilderChoice>,
+    /// The same Engine, for the calls of a BuildKit session of our own.
+    api: EngineApi,
+    /// The registry logins a build's session may hand out.
+    registries: Arc<Registries>,
 }
 
 /// What to build: the checkout, the Dockerfile inside it, the tag to give,
-/// and where layers may come from.
+/// where layers may come from, and the secrets BuildKit may mount.
 pub struct BuildRequest {
     pub root: PathBuf,
     pub dockerfile: String,
     pub tag: String,
     pub cache: CacheSource,
+    pub secrets: BuildSecrets,
 }
+
+/// A build's output, item by item, whichever builder makes it.
+type BuildOutput<'a> = Pin<Box<dyn Stream<Item = Result<BuildInfo, DockerError>> + Send + 'a>>;
 
 impl Engine {
     /// Connects as Docker's own client does (`DOCKER_HOST` or the local
     /// socket) and settles on the API version both sides speak.
-    pub async fn connect(builder: Builder) -> Result<Engine, DockerError> {
+    pub async fn connect(builder: Builder, registries: Registries) -> Result<Engine, DockerError> {
         let docker = Docker::connect_with_defaults()?.negotiate_version().await?;
+        let address = EngineAddress::from_docker_host(std::env::var("DOCKER_HOST").ok().as_deref()).map_err(|e| {
+            DockerError::IOError {
+                err: io::Error::other(e),
+            }
+        })?;
+        let version = docker.client_version();
+        let api = EngineApi {
+            address,
+            version: format!("{}.{}", version.major_version, version.minor_version),
+        };
         let builder = Arc::new(BuilderChoice {
             buildkit: AtomicBool::new(builder == Builder::BuildKit),
         });
-        Ok(Engine { docker, builder })
+        Ok(Engine {
+            docker,
+            builder,
+            api,
+            registries: Arc::new(registries),
+        })
     }
 
     pub async fn ping(&self) -> Result<(), DockerError> {
@@ -179,7 +205,7 @@ impl Engine {
             }
             result
         });
-        let body = bollard::body_try_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+        let context = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
 
         let (nocache, cachefrom) = match &req.cache {
             CacheSource::Disabled => (true, None),
@@ -196,17 +222,47 @@ impl Engine {
             cachefrom,
             ..Default::default()
         };
-        if builder == Builder::BuildKit {
-            options.version = BuilderVersion::BuilderBuildKit;
-            options.session = Some(BuildRef::random().into());
-            if !nocache {
-                // The cache metadata goes into the pushed image, so that a
-                // host that has never built this service can reuse its
-                // layers (`cachefrom`).
-                options.buildargs = Some(HashMap::from([("BUILDKIT_INLINE_CACHE".to_owned(), "1".to_owned())]));
+        // Held until the build's output ends: the Engine calls it meanwhile.
+        let mut _session = None;
+        let mut output: BuildOutput<'_> = match builder {
+            Builder::Classic => self
+                .docker
+                .build_image(options, None, Some(bollard::body_try_stream(context)))
+                .boxed(),
+            Builder::BuildKit => {
+                let id: String = BuildRef::random().into();
+                options.version = BuilderVersion::BuilderBuildKit;
+                options.session = Some(id.clone());
+                if !nocache {
+                    // The cache metadata goes into the pushed image, so that
+                    // a host that has never built this service can reuse
+                    // its layers (`cachefrom`).
+                    options.buildargs = Some(HashMap::from([("BUILDKIT_INLINE_CACHE".to_owned(), "1".to_owned())]));
+                }
+                _session = Some(
+                    session::start(&self.api, &id, req.secrets.clone(), self.registries.clone())
+                        .await
+                        .map_err(|e| match e {
+                            DockerError::DockerResponseServerError {
+                                status_code: 400 | 404 | 501,
+                                ..
+                            } => ImageError::BuildKitRefused { message: e.to_string() },
+                            e => engine("BuildKit session")(e),
+                        })?,
+                );
+                let query = serde_urlencoded::to_string(&options).map_err(|e| ImageError::BuildFailed {
+                    step: None,
+                    message: format!("build options: {e}"),
+                })?;
+                match self.api.build(&query, context).await {
+                    Ok(output) => output.boxed(),
+                    Err(e) if refuses_buildkit(&e) => {
+                        return Err(ImageError::BuildKitRefused { message: e.to_string() })
+                    }
+                    Err(e) => return Err(engine("build")(e)),
+                }
             }
-        }
-        let mut output = self.docker.build_image(options, None, Some(body));
+        };
         let mut lines = LineBuffer::default();
         let mut progress = Progress::default();
         let mut spoke_buildkit = false;

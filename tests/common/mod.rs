@@ -335,6 +335,26 @@ impl Testbed {
     /// Pulls `image` with a throwaway docker config (no login left behind)
     /// and prints a file of it.
     pub fn read_file_in_image(&self, image: &str, path: &str) -> String {
+        self.with_pulled(image, |docker| {
+            String::from_utf8(docker(&["run", "--rm", image, "cat", path])).unwrap()
+        })
+    }
+
+    /// Everything the registry's copy of `image` holds: its history (the
+    /// commands of every step, untruncated), its config (`docker inspect`)
+    /// and every byte of its layers (`docker save`).
+    pub fn image_contents(&self, image: &str) -> Vec<u8> {
+        self.with_pulled(image, |docker| {
+            let mut all = docker(&["history", "--no-trunc", "--format", "{{.CreatedBy}}", image]);
+            all.extend(docker(&["inspect", image]));
+            all.extend(docker(&["save", image]));
+            all
+        })
+    }
+
+    /// Pulls `image` from the test bed's registry, gives `inspect` a docker
+    /// command to run against it, then removes it again.
+    fn with_pulled<T>(&self, image: &str, inspect: impl FnOnce(&dyn Fn(&[&str]) -> Vec<u8>) -> T) -> T {
         let config = tempfile::tempdir().unwrap();
         let docker = |args: &[&str]| {
             let out = Command::new("docker")
@@ -348,7 +368,7 @@ impl Testbed {
                 "docker {args:?} failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            String::from_utf8(out.stdout).unwrap()
+            out.stdout
         };
         docker(&[
             "login",
@@ -359,9 +379,9 @@ impl Testbed {
             self.get("TESTBED_REGISTRY_HOST"),
         ]);
         docker(&["pull", "-q", image]);
-        let content = docker(&["run", "--rm", image, "cat", path]);
+        let result = inspect(&docker);
         docker(&["rmi", image]);
-        content
+        result
     }
 }
 
