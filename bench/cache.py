@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Build-cache timings: first build, a source-only rebuild, the same rebuild
-with BUILD_CACHE=off, and a rebuild on a "fresh host" (the kept image
-removed, so the cache comes from the registry). Two fixtures: the slow
+with BUILD_CACHE=off, and a rebuild on a "fresh host" (a new builder
+process, with BuildKit's build cache pruned and the classic builder's kept
+image removed, so the cache comes from the registry). Two fixtures: the slow
 dependency step of tests/cache.rs, and a heavier one that writes 3,000
 files and 64 MB in its dependency step.
 
-    ./bench/cache.py [--binary target/release/deployra-builder] [--rounds 3]
+    ./bench/cache.py [--binary target/release/deployra-builder] [--rounds 3] [--builder classic]
 
 Needs the test bed (testbed/up). Prints seconds from RPUSH to BUILDED.
 """
@@ -50,10 +51,10 @@ def build(queue, repo, service, env_value):
     raise SystemExit(f"{dep} did not finish")
 
 
-def daemon(binary, queue, cache):
+def daemon(binary, queue, cache, builder):
     env = {k: v for k, v in ENV.items() if not k.startswith("TESTBED_")}
     env.update(PATH=os.environ["PATH"], REDIS_QUEUE_NAME=queue, WORKER_ID=queue, BUILD_CACHE=cache,
-               WORK_DIR=tempfile.mkdtemp(), LOG_LEVEL="warn")
+               WORK_DIR=tempfile.mkdtemp(), LOG_LEVEL="warn", DOCKER_BUILDER=builder)
     return subprocess.Popen([binary], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -61,10 +62,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", default="target/release/deployra-builder")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--builder", choices=["buildkit", "classic"], default="buildkit")
     args = ap.parse_args()
     run = uuid.uuid4().hex[:8]
     on, off = f"bench-cache-on-{run}", f"bench-cache-off-{run}"
-    daemons = [daemon(args.binary, on, "on"), daemon(args.binary, off, "off")]
+    daemons = [daemon(args.binary, on, "on", args.builder), daemon(args.binary, off, "off", args.builder)]
     time.sleep(1)
     results = {}
     try:
@@ -89,6 +91,10 @@ def main():
                 t["rebuild, BUILD_CACHE=off"] = build(off, repo, f"{svc}-off", "a")
                 subprocess.run(["docker", "rmi", f"deployra-cache/{svc}:latest"], capture_output=True)
                 subprocess.run(["docker", "image", "prune", "-f"], capture_output=True)
+                subprocess.run(["docker", "builder", "prune", "--all", "--force"], capture_output=True)
+                daemons[0].terminate(); daemons[0].wait()
+                daemons[0] = daemon(args.binary, on, "on", args.builder)
+                time.sleep(1)
                 open(f"{work}/src/main.txt", "w").write("3\n")
                 git(work, "commit", "-qam", "3"); git(work, "push", "-q", bare, "HEAD:main")
                 t["fresh host (cache from registry)"] = build(on, repo, svc, "a")

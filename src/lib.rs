@@ -12,8 +12,9 @@
 //!    the job's `.env` and `.dockerignore`, [`image::context`] streams the
 //!    build context as a tar honouring `.dockerignore`, [`image::docker`]
 //!    builds (with the Engine's BuildKit, whose progress [`image::buildkit`]
-//!    turns into log lines, or its classic builder) and pushes through the
-//!    Docker Engine API, and
+//!    turns into log lines and which calls back [`image::session`] for the
+//!    job's build secrets and the operator's registry logins, or with its
+//!    classic builder) and pushes through the Docker Engine API, and
 //!    [`registry::ecr`] provides the repository and the push credentials.
 //! 3. Every status and every line of build output goes to the dashboard
 //!    through [`dashboard`]: statuses are retried, output is batched by a

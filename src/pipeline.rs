@@ -410,12 +410,18 @@ async fn build(
     )
     .await?;
     if has_dockerfile && services.cache.enabled {
-        let (repo, tag) = cache::cache_tag(&spec.service_id)
-            .rsplit_once(':')
-            .map(|(r, t)| (r.to_owned(), t.to_owned()))
-            .expect("a cache tag has a tag");
-        if let Err(e) = services.docker.tag(&commit_tag, &repo, &tag).await {
-            tracing::warn!(error = %e, "could not keep the image as the next build's cache");
+        if services.docker.uses_buildkit() {
+            // BuildKit's own cache holds the layers, where no build's FROM
+            // can name them: no image of the service stays on the Engine.
+            services.docker.built(&spec.service_id);
+        } else {
+            let (repo, tag) = cache::cache_tag(&spec.service_id)
+                .rsplit_once(':')
+                .map(|(r, t)| (r.to_owned(), t.to_owned()))
+                .expect("a cache tag has a tag");
+            if let Err(e) = services.docker.tag(&commit_tag, &repo, &tag).await {
+                tracing::warn!(error = %e, "could not keep the image as the next build's cache");
+            }
         }
     }
     Ok(format!("{repo_uri}@{digest}"))
@@ -435,7 +441,12 @@ async fn cache_source(
         log.info("Build cache off (BUILD_CACHE): every layer is built anew");
         return CacheSource::Disabled;
     }
-    match services.docker.image_exists(&cache::cache_tag(&spec.service_id)).await {
+    let local = if services.docker.uses_buildkit() {
+        Ok(services.docker.holds_layers_of(&spec.service_id))
+    } else {
+        services.docker.image_exists(&cache::cache_tag(&spec.service_id)).await
+    };
+    match local {
         Ok(true) => {
             log.info("Reusing this builder's layers from the service's previous build");
             return CacheSource::Local;

@@ -23,6 +23,11 @@ GIT_PASSWORD=testbed-git-secret
 REGISTRY_HOST=123456789012.dkr.ecr.us-east-1.amazonaws.com
 REGISTRY_USERNAME=AWS
 REGISTRY_PASSWORD=123456789012-auth-token
+# The same registry under a second name with a user of its own: a private
+# registry an operator lists in the builder's Docker config.
+PRIVATE_REGISTRY_HOST=registry.private.testbed
+PRIVATE_REGISTRY_USERNAME=operator
+PRIVATE_REGISTRY_PASSWORD=testbed-private-registry-secret
 BASE_IMAGE=local/busybox:latest
 
 # say MSG...: one status line on stdout.

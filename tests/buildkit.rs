@@ -17,7 +17,7 @@ async fn chmod_copies_cache_mounts_and_bind_mounts_work() {
         &format!(
             "FROM local/busybox:latest
 COPY --chmod=755 greet.sh /usr/local/bin/greet.sh
-RUN greet.sh
+RUN greet.sh # {cache_id}
 RUN --mount=type=cache,id={cache_id},target=/cache echo written-into-the-cache > /cache/note
 RUN --mount=type=cache,id={cache_id},target=/cache echo \"read back: $(cat /cache/note)\"
 RUN test ! -e /cache/note && echo the-cache-stays-out-of-the-image
@@ -50,13 +50,18 @@ async fn a_job_variable_is_a_build_secret_that_stays_out_of_the_image_and_the_lo
     let tb = Testbed::load();
     let value = format!("postgres://app:pw-{}@db.internal/app", tb.unique("s"));
     let repo = tb.new_repo("bk-secret");
+    // A secret is no input of BuildKit's cache key: the steps carry a
+    // marker of this run so that none comes from an earlier run's cache.
+    let run = tb.unique("run");
     repo.write(
         "Dockerfile",
-        "FROM local/busybox:latest
-RUN --mount=type=secret,id=DATABASE_URL echo \"secret read, shouted: $(tr a-z A-Z < /run/secrets/DATABASE_URL)\"
+        &format!(
+            "FROM local/busybox:latest
+RUN --mount=type=secret,id=DATABASE_URL echo \"secret read, shouted: $(tr a-z A-Z < /run/secrets/DATABASE_URL)\" # {run}
 RUN --mount=type=secret,id=DATABASE_URL cp /run/secrets/DATABASE_URL /tmp/copy && wc -c < /tmp/copy > /secret-length && rm /tmp/copy
 RUN test ! -e /run/secrets/DATABASE_URL && echo the-secret-is-gone-after-its-step
-",
+"
+        ),
     )
     .commit("secret");
     let mut daemon = tb.start_daemon(&[]);
@@ -154,7 +159,73 @@ async fn another_services_image_in_ecr_cannot_be_a_base_image() {
     assert_eq!(dash.statuses(), ["BUILDING", "FAILED"], "{:#?}", dash.calls);
     let error = dash.final_status()["error"].as_str().unwrap();
     assert!(error.contains(&victim.service_id), "{error}");
+    // Refused for want of credentials (not for TLS or a missing image):
+    // the builder's ECR token was not offered.
+    assert!(error.contains("401 Unauthorized"), "{error}");
     assert!(!dash.everything().contains("the victim's data"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_private_base_image_is_pulled_with_the_operators_docker_login() {
+    let tb = Testbed::load();
+    let host = tb.get("TESTBED_PRIVATE_REGISTRY_HOST");
+    let base = format!("{host}/private/base:{}", tb.unique("b"));
+    // The operator's login, as `docker login` writes it; the base image is
+    // pushed with it and is not on the Engine afterwards.
+    let docker_config = tempfile::tempdir().unwrap();
+    let docker = |args: &[&str]| {
+        let out = std::process::Command::new("docker")
+            .arg("--config")
+            .arg(docker_config.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    docker(&[
+        "login",
+        "-u",
+        tb.get("TESTBED_PRIVATE_REGISTRY_USERNAME"),
+        "-p",
+        tb.get("TESTBED_PRIVATE_REGISTRY_PASSWORD"),
+        host,
+    ]);
+    docker(&["tag", "local/busybox:latest", &base]);
+    docker(&["push", &base]);
+    docker(&["rmi", &base]);
+
+    let repo = tb.new_repo("bk-private-base");
+    repo.write(
+        "Dockerfile",
+        &format!("FROM {base}\nRUN echo built-on-the-private-base\n"),
+    )
+    .commit("private base");
+    let config_dir = docker_config.path().to_str().unwrap();
+    let mut with_login = tb.start_daemon(&[("DOCKER_CONFIG", config_dir)]);
+    let job = tb.job(&repo, json!({}));
+    tb.rpush(&with_login.queue, &job.payload()).await;
+    let dash = tb.wait_final(&job.deployment_id, &mut with_login).await;
+    assert_eq!(dash.statuses(), ["BUILDING", "BUILDED"], "{:#?}", dash.calls);
+    dash.assert_in_order(&["built-on-the-private-base"]);
+    let password = tb.get("TESTBED_PRIVATE_REGISTRY_PASSWORD");
+    assert!(!dash.everything().contains(password));
+    assert!(!with_login.output().contains(password));
+
+    // Without the login the same build cannot pull its base: the login
+    // above is what made it work.
+    let _ = std::process::Command::new("docker").args(["rmi", &base]).output();
+    let empty = tempfile::tempdir().unwrap();
+    let mut without = tb.start_daemon(&[("DOCKER_CONFIG", empty.path().to_str().unwrap())]);
+    let job = tb.job(&repo, json!({}));
+    tb.rpush(&without.queue, &job.payload()).await;
+    let dash = tb.wait_final(&job.deployment_id, &mut without).await;
+    assert_eq!(dash.statuses(), ["BUILDING", "FAILED"], "{:#?}", dash.calls);
+    let error = dash.final_status()["error"].as_str().unwrap();
+    assert!(error.contains(&base) && error.contains("401 Unauthorized"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -178,4 +249,55 @@ async fn the_classic_builder_is_a_setting() {
         &format!("classic-{marker}"),
         "Successfully built",
     ]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_engine_that_refuses_buildkit_gets_classic_builds_and_one_warning() {
+    let tb = Testbed::load();
+    // The test bed's Engine behind a relay that answers /session with 404.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("engine.sock");
+    let mut relay = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/testbed/no-buildkit-engine"))
+        .arg(&socket)
+        .spawn()
+        .expect("cannot start testbed/no-buildkit-engine");
+    common::wait_until("the relay listens", || socket.exists()).await;
+
+    let docker_host = format!("unix://{}", socket.display());
+    let mut daemon = tb.start_daemon(&[("DOCKER_HOST", &docker_host)]);
+    let mut jobs = Vec::new();
+    for n in 0..2 {
+        let repo = tb.new_repo("bk-refused");
+        let marker = tb.unique("refused");
+        repo.write(
+            "Dockerfile",
+            &format!("FROM local/busybox:latest\nRUN echo build-{n}-{marker}\n"),
+        )
+        .commit("c");
+        let job = tb.job(&repo, json!({}));
+        tb.rpush(&daemon.queue, &job.payload()).await;
+        jobs.push((job, marker));
+    }
+    for (n, (job, marker)) in jobs.iter().enumerate() {
+        let dash = tb.wait_final(&job.deployment_id, &mut daemon).await;
+        assert_eq!(dash.statuses(), ["BUILDING", "BUILDED"], "{:#?}", dash.calls);
+        let wanted = format!("build-{n}-{marker}");
+        let mut expected = vec![];
+        if n == 0 {
+            expected.push("This Docker Engine does not offer BuildKit; building with the classic builder");
+        }
+        expected.extend([
+            "Step 1/2 : FROM local/busybox:latest",
+            wanted.as_str(),
+            "Successfully built",
+        ]);
+        dash.assert_in_order(&expected);
+    }
+    let warnings = daemon
+        .output()
+        .matches("the Docker Engine refused a BuildKit session; building with the classic builder from now on")
+        .count();
+    assert_eq!(warnings, 1, "{}", daemon.output());
+    relay.kill().unwrap();
+    relay.wait().unwrap();
 }

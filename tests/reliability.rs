@@ -26,7 +26,7 @@ fn sleeper_repo(tb: &Testbed, marker: &str, seconds: u32) -> common::FixtureRepo
     repo
 }
 
-async fn wait_containers_gone(marker: &str) {
+async fn wait_build_steps_gone(marker: &str) {
     wait_until(&format!("no build step of {marker} is left running"), || {
         build_steps_with(marker).is_empty()
     })
@@ -51,7 +51,7 @@ async fn cancelling_a_running_build_stops_it_inside_docker() {
     tb.publish_cancel(&job.deployment_id).await;
     let dash = tb.wait_final(&job.deployment_id, &mut daemon).await;
     assert_eq!(dash.statuses(), ["BUILDING", "CANCELLED"], "{:#?}", dash.calls);
-    wait_containers_gone(&marker).await;
+    wait_build_steps_gone(&marker).await;
     let tags = tb.registry_get(&format!("deployra/{}/tags/list", job.service_id)).await;
     assert_eq!(tags.status(), 404, "nothing of a cancelled build is pushed");
     // The daemon goes on: the next job builds.
@@ -124,7 +124,7 @@ async fn a_build_past_its_timeout_fails_and_stops() {
         error.contains("timed out") && error.contains("BUILD_TIMEOUT_SECS"),
         "{error}"
     );
-    wait_containers_gone(&marker).await;
+    wait_build_steps_gone(&marker).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -151,7 +151,7 @@ async fn concurrent_builds_overlap_and_a_cancel_reaches_only_its_own() {
     assert_eq!(dash_a.statuses(), ["BUILDING", "CANCELLED"]);
     let dash_b = tb.wait_final(&b.deployment_id, &mut daemon).await;
     assert_eq!(dash_b.statuses(), ["BUILDING", "BUILDED"], "{:#?}", dash_b.calls);
-    wait_containers_gone(&long_marker).await;
+    wait_build_steps_gone(&long_marker).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -239,7 +239,7 @@ async fn a_job_that_keeps_killing_its_builder_is_failed_after_three_tries() {
     );
     let error = dash.final_status()["error"].as_str().unwrap();
     assert!(error.starts_with("interrupted 3 times"), "{error}");
-    wait_containers_gone(&marker).await;
+    wait_build_steps_gone(&marker).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -290,7 +290,7 @@ async fn sigterm_past_the_grace_puts_the_build_back_in_the_queue() {
         [job.payload()],
         "the job is back at the head of the queue"
     );
-    wait_containers_gone(&marker).await;
+    wait_build_steps_gone(&marker).await;
 
     // The next builder starts it again; cancel it to finish quickly.
     let mut next = tb.start_daemon_on(&daemon.queue, &tb.unique("worker"), &[]);

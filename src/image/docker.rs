@@ -9,12 +9,12 @@
 //! job's token by the pipeline, and dropping a build or push closes its HTTP
 //! request, which makes the engine abort it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as DockerError;
@@ -117,6 +117,9 @@ pub struct Engine {
     api: EngineApi,
     /// The registry logins a build's session may hand out.
     registries: Arc<Registries>,
+    /// Services whose layers BuildKit's cache holds: built here since the
+    /// builder started, and not pruned since.
+    warm: Arc<Mutex<HashSet<String>>>,
 }
 
 /// What to build: the checkout, the Dockerfile inside it, the tag to give,
@@ -155,7 +158,28 @@ impl Engine {
             builder,
             api,
             registries: Arc::new(registries),
+            warm: Arc::default(),
         })
+    }
+
+    /// Whether Dockerfiles are built with BuildKit (rather than the classic
+    /// builder, chosen or fallen back to).
+    pub fn uses_buildkit(&self) -> bool {
+        self.builder.uses_buildkit()
+    }
+
+    /// Whether this engine's BuildKit cache holds `service`'s layers, so
+    /// that its build needs no image pulled for cache.
+    pub fn holds_layers_of(&self, service: &str) -> bool {
+        self.warm.lock().expect("warm services lock poisoned").contains(service)
+    }
+
+    /// `service` was built here: its layers are in BuildKit's cache.
+    pub fn built(&self, service: &str) {
+        self.warm
+            .lock()
+            .expect("warm services lock poisoned")
+            .insert(service.to_owned());
     }
 
     pub async fn ping(&self) -> Result<(), DockerError> {
@@ -500,6 +524,9 @@ impl Engine {
             .prune_build(Some(options))
             .await
             .map_err(engine("prune build cache"))?;
+        // Which services' layers are left is not known: their next builds
+        // take them from the registry again.
+        self.warm.lock().expect("warm services lock poisoned").clear();
         Ok(pruned.space_reclaimed.unwrap_or(0).max(0) as u64)
     }
 

@@ -267,3 +267,35 @@ async fn refusal(response: Response<Incoming>) -> DockerError {
         .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_owned());
     DockerError::DockerResponseServerError { status_code, message }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_host_is_read_as_docker_reads_it() {
+        assert_eq!(
+            EngineAddress::from_docker_host(None),
+            Ok(EngineAddress::Unix(PathBuf::from("/var/run/docker.sock")))
+        );
+        assert_eq!(
+            EngineAddress::from_docker_host(Some("unix:///run/user/1000/docker.sock")),
+            Ok(EngineAddress::Unix(PathBuf::from("/run/user/1000/docker.sock")))
+        );
+        assert_eq!(
+            EngineAddress::from_docker_host(Some("tcp://10.0.0.5:2375")),
+            Ok(EngineAddress::Tcp("10.0.0.5:2375".to_owned()))
+        );
+        assert!(EngineAddress::from_docker_host(Some("ssh://builder@host")).is_err());
+    }
+
+    #[test]
+    fn build_messages_are_output_failures_or_nothing() {
+        let info = decode(br#"{"stream":"Step 1/2 : FROM x\n"}"#).unwrap().unwrap();
+        assert_eq!(info.stream.as_deref(), Some("Step 1/2 : FROM x\n"));
+        let failed = decode(br#"{"errorDetail":{"message":"exit code: 3"},"error":"exit code: 3"}"#).unwrap();
+        assert!(matches!(failed, Err(DockerError::DockerStreamError { error }) if error == "exit code: 3"));
+        assert!(decode(b" \r\n").is_none());
+        assert!(decode(b"{not json").unwrap().is_err());
+    }
+}
