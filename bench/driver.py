@@ -893,6 +893,12 @@ class Bench:
             return ["/usr/bin/docker"]
         return ["docker"]
 
+    def no_cache(self) -> list[str]:
+        """BuildKit keeps every round's steps in its build cache, images or
+        not, so B builds without it, as A does (BUILD_CACHE=off). The
+        classic builder's cache goes with the images B removes."""
+        return ["--no-cache"] if self.args.builder == "buildkit" else []
+
     def build_env(self) -> dict[str, str]:
         return {**os.environ, "DOCKER_BUILDKIT": "1" if self.args.builder == "buildkit" else "0"}
 
@@ -918,7 +924,8 @@ class Bench:
             self.b_tags.add(tag)
             build_out = work / "build.out"
             with open(build_out, "wb") as out:
-                run(self.build_cli() + ["--config", str(self.docker_config), "build", "-t", tag, str(src)],
+                run(self.build_cli() + ["--config", str(self.docker_config), "build"] + self.no_cache()
+                    + ["-t", tag, str(src)],
                     timeout=self.args.build_timeout, stdout=out, env=self.build_env())
             t2 = time.time()
             push = run(cfg + ["push", tag], timeout=self.args.build_timeout)

@@ -15,7 +15,7 @@ use crate::dashboard::{
 use crate::error::JobError;
 use crate::git::{self, FetchRequest};
 use crate::image::cache::{self, CacheConfig, CacheSource};
-use crate::image::docker::{BuildRequest, Engine};
+use crate::image::docker::{BuildRequest, Engine, ImageError};
 use crate::image::pack::{self, PackError, PackRequest};
 use crate::job::{short, BuildSpec};
 use crate::metrics::Metrics;
@@ -320,9 +320,20 @@ async fn build(
             Ok((uri, credentials))
         }),
     );
+    // The service's last image, for cache, is pulled while the clone runs:
+    // on a fresh host that pull is the longest wait of a rebuild.
+    let registry = async {
+        let (uri, credentials) = registry.await?;
+        let pull = CachePull::start(services, spec, &uri, &credentials);
+        Ok::<_, JobError>((uri, credentials, pull))
+    };
     let (commit, registry) = tokio::join!(clone, registry);
+    // Whatever happens next, a pulled image is removed after the build.
+    if let Ok((_, _, CachePull::Pulling { image, .. })) = &registry {
+        local_tags.push(image.clone());
+    }
     let commit = commit?;
-    let (repo_uri, credentials) = registry?;
+    let (repo_uri, credentials, pull) = registry?;
 
     let has_dockerfile = step("prepare", async {
         workspace::write_env(workdir, &spec.env)?;
@@ -335,10 +346,7 @@ async fn build(
     local_tags.push(commit_tag.clone());
     let no_pruning = services.disk.read().await;
     if has_dockerfile {
-        let cache = race(token, async {
-            Ok(cache_source(services, spec, &repo_uri, &credentials, log, local_tags).await)
-        })
-        .await?;
+        let cache = race(token, async { Ok(pull.finish(log).await) }).await?;
         step(
             "build",
             race(token, async {
@@ -356,6 +364,9 @@ async fn build(
         )
         .await?;
     } else {
+        // Buildpacks take no cache image: the pull stops now, before this
+        // build's image is tagged `latest` to be pushed.
+        drop(pull);
         step("build", async {
             log.info(&format!(
                 "No Dockerfile at {}; building {} with Cloud Native Buildpacks",
@@ -427,56 +438,90 @@ async fn build(
     Ok(format!("{repo_uri}@{digest}"))
 }
 
-/// Decides where this build's layers come from. Never fails the build: the
-/// cache only makes it faster.
-async fn cache_source(
-    services: &Services,
-    spec: &BuildSpec,
-    repo_uri: &str,
-    credentials: &PushCredentials,
-    log: &LogSink,
-    local_tags: &mut Vec<String>,
-) -> CacheSource {
-    if !services.cache.enabled {
-        log.info("Build cache off (BUILD_CACHE): every layer is built anew");
-        return CacheSource::Disabled;
+/// Where this build's layers come from, decided while the clone runs. Never
+/// fails the build: the cache only makes it faster.
+enum CachePull {
+    Decided(CacheSource),
+    /// The service's last image is being pulled; dropping this stops it.
+    Pulling {
+        image: String,
+        /// Whether it pulled (false: the classic builder's kept image is
+        /// there), or why not, or that the registry was too slow.
+        task: AbortOnDrop<Result<Result<bool, ImageError>, tokio::time::error::Elapsed>>,
+    },
+}
+
+/// A task that ends when its handle is dropped: a pull for a build that
+/// turned out to need none (buildpacks) or that failed first.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    let local = if services.docker.uses_buildkit() {
-        Ok(services.docker.holds_layers_of(&spec.service_id))
-    } else {
-        services.docker.image_exists(&cache::cache_tag(&spec.service_id)).await
-    };
-    match local {
-        Ok(true) => {
-            log.info("Reusing this builder's layers from the service's previous build");
-            return CacheSource::Local;
+}
+
+impl CachePull {
+    fn start(services: &Services, spec: &BuildSpec, repo_uri: &str, credentials: &PushCredentials) -> CachePull {
+        if !services.cache.enabled {
+            return CachePull::Decided(CacheSource::Disabled);
         }
-        Ok(false) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, "could not look for the local build cache");
-            return CacheSource::Local;
+        if services.docker.uses_buildkit() && services.docker.holds_layers_of(&spec.service_id) {
+            return CachePull::Decided(CacheSource::Local);
+        }
+        let docker = services.docker.clone();
+        let (repo, credentials) = (repo_uri.to_owned(), credentials.clone());
+        let cache_tag = cache::cache_tag(&spec.service_id);
+        let task = tokio::spawn(async move {
+            tokio::time::timeout(cache::PULL_TIMEOUT, async {
+                // The classic builder finds its kept image by itself.
+                if !docker.uses_buildkit() && docker.image_exists(&cache_tag).await.unwrap_or(true) {
+                    return Ok(false);
+                }
+                docker.pull(&repo, "latest", &credentials).await.map(|()| true)
+            })
+            .await
+        });
+        CachePull::Pulling {
+            image: format!("{repo_uri}:latest"),
+            task: AbortOnDrop(task),
         }
     }
-    let last = format!("{repo_uri}:latest");
-    match tokio::time::timeout(
-        cache::PULL_TIMEOUT,
-        services.docker.pull(repo_uri, "latest", credentials),
-    )
-    .await
-    {
-        Ok(Ok(())) => {
-            log.info("Pulled the service's last image from the registry to reuse its layers");
-            local_tags.push(last.clone());
-            CacheSource::From(vec![last])
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "no previous image to pull");
-            log.info("No previous image of this service in the registry; building without cache");
-            CacheSource::Local
-        }
-        Err(_) => {
-            log.info("The registry took too long to give the previous image; building without it");
-            CacheSource::Local
+
+    async fn finish(self, log: &LogSink) -> CacheSource {
+        let (image, mut task) = match self {
+            CachePull::Decided(CacheSource::Disabled) => {
+                log.info("Build cache off (BUILD_CACHE): every layer is built anew");
+                return CacheSource::Disabled;
+            }
+            CachePull::Decided(source) => {
+                log.info("Reusing this builder's layers from the service's previous build");
+                return source;
+            }
+            CachePull::Pulling { image, task } => (image, task),
+        };
+        match (&mut task.0).await {
+            Ok(Ok(Ok(false))) => {
+                log.info("Reusing this builder's layers from the service's previous build");
+                CacheSource::Local
+            }
+            Ok(Ok(Ok(true))) => {
+                log.info("Pulled the service's last image from the registry to reuse its layers");
+                CacheSource::From(vec![image])
+            }
+            Ok(Ok(Err(e))) => {
+                tracing::debug!(error = %e, "no previous image to pull");
+                log.info("No previous image of this service in the registry; building without cache");
+                CacheSource::Local
+            }
+            Ok(Err(_)) => {
+                log.info("The registry took too long to give the previous image; building without it");
+                CacheSource::Local
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the cache pull task failed");
+                CacheSource::Local
+            }
         }
     }
 }
