@@ -3,6 +3,7 @@
 //! are those of the builder we replace, so operators' files keep working.
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -139,21 +140,13 @@ impl Config {
             ));
         }
 
-        let build_timeout_secs: u64 = parse_number("BUILD_TIMEOUT_SECS", get("BUILD_TIMEOUT_SECS"), 3600)?;
-        if build_timeout_secs == 0 {
-            return Err(ConfigError::new("BUILD_TIMEOUT_SECS", "must be at least 1"));
-        }
-        let concurrency: usize = parse_number("BUILD_CONCURRENCY", get("BUILD_CONCURRENCY"), 1)?;
-        if !(1..=64).contains(&concurrency) {
-            return Err(ConfigError::new("BUILD_CONCURRENCY", "must be between 1 and 64"));
-        }
-        let shutdown_grace_secs: u64 = parse_number("SHUTDOWN_GRACE_SECS", get("SHUTDOWN_GRACE_SECS"), 300)?;
-
-        let log_max_bytes: usize = parse_number("BUILD_LOG_MAX_BYTES", get("BUILD_LOG_MAX_BYTES"), 8 * 1024 * 1024)?;
-        let min_free_gb: u64 = parse_number("BUILD_CACHE_MIN_FREE_GB", get("BUILD_CACHE_MIN_FREE_GB"), 10)?;
-        let min_free_bytes = min_free_gb
-            .checked_mul(1024 * 1024 * 1024)
-            .ok_or_else(|| ConfigError::new("BUILD_CACHE_MIN_FREE_GB", "is too large"))?;
+        let bounded =
+            |var: &'static str, default: u64, range: RangeInclusive<u64>| parse_bounded(var, get(var), default, range);
+        let build_timeout_secs = bounded("BUILD_TIMEOUT_SECS", 3600, LIMITS.build_timeout_secs)?;
+        let concurrency = bounded("BUILD_CONCURRENCY", 1, LIMITS.concurrency)? as usize;
+        let shutdown_grace_secs = bounded("SHUTDOWN_GRACE_SECS", 300, LIMITS.shutdown_grace_secs)?;
+        let log_max_bytes = bounded("BUILD_LOG_MAX_BYTES", 8 * 1024 * 1024, LIMITS.log_max_bytes)? as usize;
+        let min_free_bytes = bounded("BUILD_CACHE_MIN_FREE_GB", 10, LIMITS.min_free_gb)? * 1024 * 1024 * 1024;
         let worker_id = get("WORKER_ID").unwrap_or_else(default_worker_id);
         let valid_id = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
         if !worker_id.chars().all(valid_id) || worker_id.starts_with('.') {
@@ -201,6 +194,45 @@ pub fn parse_builder(value: Option<&str>) -> Result<Builder, ConfigError> {
             "DOCKER_BUILDER",
             format!("{other:?} is not a builder: buildkit or classic"),
         )),
+    }
+}
+
+/// The range of every numeric setting: past these, durations overflow,
+/// Redis refuses expiry times, and sizes stop meaning anything.
+pub struct Limits {
+    pub build_timeout_secs: RangeInclusive<u64>,
+    pub concurrency: RangeInclusive<u64>,
+    pub shutdown_grace_secs: RangeInclusive<u64>,
+    pub log_max_bytes: RangeInclusive<u64>,
+    pub min_free_gb: RangeInclusive<u64>,
+}
+
+pub const LIMITS: Limits = Limits {
+    // A week.
+    build_timeout_secs: 1..=604_800,
+    concurrency: 1..=64,
+    // A day.
+    shutdown_grace_secs: 0..=86_400,
+    // 1 GiB.
+    log_max_bytes: 0..=1 << 30,
+    // 1 PiB.
+    min_free_gb: 0..=1 << 20,
+};
+
+fn parse_bounded(
+    var: &'static str,
+    value: Option<String>,
+    default: u64,
+    range: RangeInclusive<u64>,
+) -> Result<u64, ConfigError> {
+    let n = parse_number(var, value, default)?;
+    if range.contains(&n) {
+        Ok(n)
+    } else {
+        Err(ConfigError::new(
+            var,
+            format!("{n} is out of range: {} to {}", range.start(), range.end()),
+        ))
     }
 }
 
@@ -293,6 +325,30 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_values_allowed_are_taken() {
+        let mut vars = MINIMAL.to_vec();
+        vars.extend([
+            ("BUILD_TIMEOUT_SECS", "604800"),
+            ("BUILD_CONCURRENCY", "64"),
+            ("SHUTDOWN_GRACE_SECS", "86400"),
+            ("BUILD_LOG_MAX_BYTES", "1073741824"),
+            ("BUILD_CACHE_MIN_FREE_GB", "1048576"),
+        ]);
+        let c = load(&vars).unwrap();
+        assert_eq!(c.build_timeout, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(c.concurrency, 64);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(24 * 3600));
+        assert_eq!(c.log_max_bytes, 1 << 30);
+        assert_eq!(c.cache.min_free_bytes, 1 << 50);
+        let mut vars = MINIMAL.to_vec();
+        vars.push(("BUILD_TIMEOUT_SECS", "18446744073709551615"));
+        assert_eq!(
+            load(&vars).unwrap_err().to_string(),
+            "BUILD_TIMEOUT_SECS: 18446744073709551615 is out of range: 1 to 604800"
+        );
+    }
+
+    #[test]
     fn metrics_addr_takes_ipv4_and_ipv6() {
         for addr in ["127.0.0.1:9102", "[::1]:9102", "0.0.0.0:9102"] {
             let mut vars = MINIMAL.to_vec();
@@ -335,6 +391,13 @@ mod tests {
             ("WORKER_ID", "has space"),
             ("BUILD_CACHE_MIN_FREE_GB", "lots"),
             ("BUILD_CACHE_MIN_FREE_GB", "99999999999"),
+            ("BUILD_TIMEOUT_SECS", "0"),
+            ("BUILD_TIMEOUT_SECS", "18446744073709551615"),
+            ("BUILD_TIMEOUT_SECS", "9300000000000000"),
+            ("BUILD_TIMEOUT_SECS", "604801"),
+            ("SHUTDOWN_GRACE_SECS", "86401"),
+            ("BUILD_LOG_MAX_BYTES", "1073741825"),
+            ("BUILD_CACHE_MIN_FREE_GB", "1048577"),
         ];
         for (var, value) in cases {
             let mut vars: Vec<_> = MINIMAL.iter().copied().filter(|(k, _)| *k != var).collect();

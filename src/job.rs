@@ -94,10 +94,13 @@ impl<'de> Deserialize<'de> for Routing {
     }
 }
 
-const ID_RULE: &str = "must be a non-empty string of at most 256 bytes, without control characters";
+const ID_RULE: &str =
+    "must be a non-empty string of at most 256 bytes, without control characters, and not \".\" or \"..\"";
 
+/// The id is a path segment of every report's URL: `.` and `..` would be
+/// taken as dot segments there, and every report would go elsewhere.
 fn is_valid_id(id: &str) -> bool {
-    !id.trim().is_empty() && id.len() <= 256 && !id.chars().any(char::is_control)
+    !id.trim().is_empty() && id.len() <= 256 && !id.chars().any(char::is_control) && id != "." && id != ".."
 }
 
 /// The job exactly as CONTRACT.md spells it. Unknown fields are ignored.
@@ -542,7 +545,7 @@ mod tests {
 
     #[test]
     fn a_deployment_id_routing_refuses_is_invalid_too() {
-        for id in ["", " ", "a\nb", &"x".repeat(257), &"\u{fffd}".repeat(90)] {
+        for id in ["", " ", "a\nb", &"x".repeat(257), &"\u{fffd}".repeat(90), ".", ".."] {
             let raw = with(serde_json::json!({ "deploymentId": id }));
             assert!(
                 matches!(deployment_id(&raw), Err(Unroutable::BadDeploymentId)),

@@ -129,7 +129,9 @@ impl Queue {
     }
 
     /// Waits up to a couple of seconds for a job; `None` when there was none.
-    pub async fn take(&mut self) -> Result<Option<String>, RedisError> {
+    /// Bytes, not text: an entry that is not UTF-8 must still be taken,
+    /// to be dead-lettered, rather than fail every take after it.
+    pub async fn take(&mut self) -> Result<Option<Vec<u8>>, RedisError> {
         redis::cmd("BLMOVE")
             .arg(&self.keys.queue)
             .arg(&self.processing)
@@ -157,10 +159,12 @@ impl Queue {
             .await
     }
 
-    /// Keeps an unusable payload, with why and when, for a human to look at.
-    pub async fn dead_letter(&mut self, raw: &str, reason: &str) -> Result<(), RedisError> {
+    /// Keeps an unusable payload, with why and when, for a human to look at
+    /// (bytes that are not UTF-8 are kept with U+FFFD in their place).
+    pub async fn dead_letter(&mut self, raw: &[u8], reason: &str) -> Result<(), RedisError> {
         let at = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let entry = serde_json::json!({ "payload": raw, "reason": reason, "at": at, "worker": self.worker_id });
+        let payload = String::from_utf8_lossy(raw);
+        let entry = serde_json::json!({ "payload": payload, "reason": reason, "at": at, "worker": self.worker_id });
         redis::pipe()
             .atomic()
             .rpush(&self.keys.dead, entry.to_string())
@@ -209,7 +213,7 @@ impl Queue {
                 continue;
             }
             loop {
-                let job: Option<String> = self
+                let job: Option<Vec<u8>> = self
                     .conn
                     .lmove(&list, &self.keys.queue, redis::Direction::Right, redis::Direction::Left)
                     .await?;

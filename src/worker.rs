@@ -318,12 +318,18 @@ where
     }
 }
 
-async fn handle(shared: &Shared, raw: String) {
-    let deployment_id = match job::deployment_id(&raw) {
-        Ok(id) => id,
-        Err(reason) => {
+async fn handle(shared: &Shared, raw: Vec<u8>) {
+    let routed = match String::from_utf8(raw) {
+        Ok(raw) => match job::deployment_id(&raw) {
+            Ok(id) => Ok((raw, id)),
+            Err(reason) => Err((raw.into_bytes(), reason.to_string())),
+        },
+        Err(e) => Err((e.into_bytes(), "not UTF-8 text, so not a JSON job".to_owned())),
+    };
+    let (raw, deployment_id) = match routed {
+        Ok(routed) => routed,
+        Err((raw, reason)) => {
             tracing::warn!(reason = %reason, list = %shared.queue.keys().dead, "unroutable payload moved to the dead-letter list");
-            let reason = reason.to_string();
             redis_retry(shared, "dead-letter", false, |mut q| {
                 let (raw, reason) = (raw.clone(), reason.clone());
                 async move { q.dead_letter(&raw, &reason).await }

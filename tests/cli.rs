@@ -96,6 +96,17 @@ fn check_reports_a_bad_setting_as_a_configuration_error() {
     let out = cli(&bed, &["check"], &[("REDIS_PORT", "sixty")]);
     assert_eq!(out.status.code(), Some(78), "{}", text(&out));
     assert!(text(&out).contains("REDIS_PORT"), "{}", text(&out));
+    // A number too large to mean anything stops the daemon the same way;
+    // it once panicked (exit 101) or retried a lock forever.
+    for timeout in ["18446744073709551615", "9300000000000000"] {
+        let out = cli(&bed, &["run"], &[("BUILD_TIMEOUT_SECS", timeout)]);
+        assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+        assert!(
+            text(&out).contains("BUILD_TIMEOUT_SECS") && text(&out).contains("out of range: 1 to 604800"),
+            "{}",
+            text(&out)
+        );
+    }
 }
 
 #[test]

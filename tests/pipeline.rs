@@ -252,9 +252,19 @@ async fn unroutable_payloads_are_dead_lettered_and_bad_fields_fail_by_name() {
     let mut daemon = tb.start_daemon(&[]);
     let invalid = tb.job(&repo, json!({ "runtimeFilePath": "../../etc/passwd" }));
     let good = tb.job(&repo, json!({}));
-    for payload in ["this is not json", r#"{"serviceId":"svc"}"#] {
+    // `..` would be a dot segment of every report's URL.
+    let dot_segment = invalid.payload().replacen(&invalid.deployment_id, "..", 1);
+    for payload in ["this is not json", r#"{"serviceId":"svc"}"#, &dot_segment] {
         tb.rpush(&daemon.queue, payload).await;
     }
+    // Bytes that are no UTF-8 text at all.
+    let mut conn = tb.redis().await;
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(&daemon.queue)
+        .arg(&b"{\"deploymentId\": \"\xff\xfe\"}"[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     tb.rpush(&daemon.queue, &invalid.payload()).await;
     tb.rpush(&daemon.queue, &good.payload()).await;
 
@@ -268,9 +278,20 @@ async fn unroutable_payloads_are_dead_lettered_and_bad_fields_fail_by_name() {
 
     let dead = tb.lrange(&format!("{}:dead", daemon.queue)).await;
     let dead: Vec<serde_json::Value> = dead.iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-    assert_eq!(dead.len(), 2, "{dead:#?}");
+    assert_eq!(dead.len(), 4, "{dead:#?}");
     assert_eq!(dead[0]["payload"], "this is not json");
     assert!(dead[0]["reason"].as_str().unwrap().starts_with("not JSON"));
     assert_eq!(dead[1]["reason"], "deploymentId: missing");
+    assert!(
+        dead[2]["reason"].as_str().unwrap().contains(r#"not "." or "..""#),
+        "{dead:#?}"
+    );
+    assert_eq!(dead[3]["reason"], "not UTF-8 text, so not a JSON job", "{dead:#?}");
+    assert_eq!(dead[3]["payload"], "{\"deploymentId\": \"\u{fffd}\u{fffd}\"}");
+    let processing = format!("{}:processing:{}", daemon.queue, daemon.worker_id);
+    assert!(
+        tb.lrange(&processing).await.is_empty(),
+        "an entry stayed in {processing}"
+    );
     assert!(tb.lrange(&daemon.queue).await.is_empty());
 }
