@@ -299,16 +299,25 @@ async fn build(
         let commit = spec.commit.clone();
         let dest = workdir.to_owned();
         let cancel = token.clone();
-        let sha = tokio::task::spawn_blocking(move || {
+        // The fetch stops itself at its next progress callback once the
+        // token is cancelled; a server that accepts and then says nothing
+        // calls back never, so the job does not wait for it: cancel,
+        // timeout and shutdown end the step at once, and the thread is
+        // left to its socket.
+        let fetch = tokio::task::spawn_blocking(move || {
             let req = FetchRequest {
                 source: &source,
                 branch: &branch,
                 commit: commit.as_deref(),
             };
             git::checkout(&req, &dest, &cancel)
+        });
+        let sha = race(token, async {
+            Ok(fetch
+                .await
+                .map_err(|e| JobError::Internal(format!("git task: {e}")))??)
         })
-        .await
-        .map_err(|e| JobError::Internal(format!("git task: {e}")))??;
+        .await?;
         log.info(&format!("Checked out commit {sha}"));
         Ok(sha)
     });

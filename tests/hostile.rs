@@ -298,3 +298,73 @@ async fn secrets_never_reach_the_dashboard_the_journal_or_an_error() {
         }
     }
 }
+
+/// A "git server" that accepts every connection and never says a word.
+struct SilentServer {
+    port: u16,
+    held: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl SilentServer {
+    fn start() -> SilentServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = held.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                keep.lock().unwrap().push(stream);
+            }
+        });
+        SilentServer { port, held }
+    }
+
+    fn connections(&self) -> usize {
+        self.held.lock().unwrap().len()
+    }
+
+    fn provider(&self) -> serde_json::Value {
+        json!({
+            "type": "CUSTOM",
+            "url": format!("http://127.0.0.1:{}", self.port),
+            "username": "u",
+            "password": "p",
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_git_server_that_never_answers_is_cut_by_timeout_cancel_and_shutdown() {
+    let tb = Testbed::load();
+    let silent = SilentServer::start();
+    let repo = tb.new_repo("silent");
+    // The build timeout ends it.
+    let mut daemon = tb.start_daemon(&[("BUILD_TIMEOUT_SECS", "3")]);
+    let timed_out = tb.job(&repo, json!({ "gitProvider": silent.provider() }));
+    tb.rpush(&daemon.queue, &timed_out.payload()).await;
+    let dash = tb.wait_final(&timed_out.deployment_id, &mut daemon).await;
+    assert_eq!(dash.statuses(), ["BUILDING", "FAILED"], "{:#?}", dash.calls);
+    let error = dash.final_status()["error"].as_str().unwrap();
+    assert!(error.contains("timed out"), "{error}");
+    drop(daemon);
+
+    // So does a cancel, once the fetch is stuck.
+    let mut daemon = tb.start_daemon(&[("SHUTDOWN_GRACE_SECS", "1")]);
+    let cancelled = tb.job(&repo, json!({ "gitProvider": silent.provider() }));
+    let before = silent.connections();
+    tb.rpush(&daemon.queue, &cancelled.payload()).await;
+    common::wait_until("the fetch is connected", || silent.connections() > before).await;
+    tb.publish_cancel(&cancelled.deployment_id).await;
+    let dash = tb.wait_final(&cancelled.deployment_id, &mut daemon).await;
+    assert_eq!(dash.statuses(), ["BUILDING", "CANCELLED"], "{:#?}", dash.calls);
+
+    // And a shutdown: the daemon exits, the job goes back to the queue.
+    let interrupted = tb.job(&repo, json!({ "gitProvider": silent.provider() }));
+    let before = silent.connections();
+    tb.rpush(&daemon.queue, &interrupted.payload()).await;
+    common::wait_until("the fetch is connected", || silent.connections() > before).await;
+    daemon.signal("TERM");
+    let status = daemon.wait_exit().await;
+    assert!(status.success(), "{status:?}\n{}", daemon.output());
+    assert_eq!(tb.lrange(&daemon.queue).await, [interrupted.payload()]);
+}

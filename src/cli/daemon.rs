@@ -32,7 +32,12 @@ pub fn main(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    let result = runtime.block_on(run(config));
+    // A git fetch stuck on a server that never answers holds a blocking
+    // thread that nothing can interrupt; its job is settled already, and
+    // the process must not wait for it to exit.
+    runtime.shutdown_timeout(BLOCKING_THREADS_GRACE);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -41,6 +46,9 @@ pub fn main(config: Config) -> ExitCode {
         }
     }
 }
+
+/// How long the exit waits for blocking threads still running.
+const BLOCKING_THREADS_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::new(&config.log_level);
