@@ -41,12 +41,7 @@ pub fn write_env(root: &Path, vars: &[(String, Secret)]) -> Result<(), Workspace
 /// Makes sure `.dockerignore` lists `.git`, keeping the user's own rules.
 pub fn extend_dockerignore(root: &Path) -> Result<(), WorkspaceError> {
     let path = root.join(".dockerignore");
-    remove_if_symlink(&path)?;
-    let existing = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-        Err(source) => return Err(WorkspaceError::Read { path, source }),
-    };
+    let existing = read_dockerignore(root, &path)?;
     let listed = existing
         .lines()
         .map(str::trim)
@@ -82,6 +77,33 @@ pub fn dockerfile_exists(root: &Path, relative: &str) -> Result<bool, WorkspaceE
     Ok(resolved.is_file())
 }
 
+/// The rules of `.dockerignore`. A link to a file inside the repository is
+/// followed, as `docker build` follows it, and replaced by a copy of that
+/// file (the `.git` rule is then added to the copy, not to the file it
+/// points at). A link that leaves the repository or leads nowhere reads
+/// as no rules: nothing of the host is read.
+fn read_dockerignore(root: &Path, path: &Path) -> Result<String, WorkspaceError> {
+    let read = |path: &Path| match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(String::new()),
+        Err(source) => Err(WorkspaceError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    };
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link {
+        return read(path);
+    }
+    let inside = match (path.canonicalize(), root.canonicalize()) {
+        (Ok(target), Ok(root)) => target.starts_with(&root) && target.is_file(),
+        _ => false,
+    };
+    let text = if inside { read(path)? } else { String::new() };
+    remove_if_symlink(path)?;
+    Ok(text)
+}
+
 fn remove_if_symlink(path: &Path) -> Result<(), WorkspaceError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(path).map_err(|source| WorkspaceError::Write {
@@ -111,6 +133,30 @@ mod tests {
             std::fs::read_to_string(dir.path().join(".dockerignore")).unwrap(),
             "node_modules\n.git\n"
         );
+    }
+
+    #[test]
+    fn a_dockerignore_link_inside_the_repository_is_followed_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("config")).unwrap();
+        std::fs::write(dir.path().join("config/ignore"), "secret.txt\n").unwrap();
+        std::os::unix::fs::symlink("config/ignore", dir.path().join(".dockerignore")).unwrap();
+        extend_dockerignore(dir.path()).unwrap();
+        let written = dir.path().join(".dockerignore");
+        assert!(!std::fs::symlink_metadata(&written).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), "secret.txt\n.git\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("config/ignore")).unwrap(),
+            "secret.txt\n",
+            "the file linked to is not written"
+        );
+
+        let host = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(host.path(), "host rules\n").unwrap();
+        std::fs::remove_file(&written).unwrap();
+        std::os::unix::fs::symlink(host.path(), &written).unwrap();
+        extend_dockerignore(dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(&written).unwrap(), ".git\n");
     }
 
     #[test]

@@ -192,8 +192,9 @@ async fn each_kind_of_invalid_job_fails_naming_the_field() {
         (json!({"runtimeFilePath": "/etc/passwd"}), "runtimeFilePath"),
         (json!({"commitSha": "xyz-not-hex"}), "commitSha"),
         (
-            json!({"environmentVariables": [{"key": "1BAD", "value": "v"}]}),
-            "environmentVariables[0].key",
+            // A value pasted where the name goes: never quoted back.
+            json!({"environmentVariables": [{"key": "sk_live=pasted-into-the-name", "value": "v"}]}),
+            "environmentVariables[0].key: is not a valid variable name",
         ),
         (
             json!({"ports": [{"containerPort": "eighty"}]}),
@@ -227,11 +228,16 @@ async fn each_kind_of_invalid_job_fails_naming_the_field() {
             error.contains(expected),
             "{patch}: {error:?} should mention {expected:?}"
         );
+        assert!(
+            !dash.everything().contains("pasted-into-the-name"),
+            "{patch}: {error:?}"
+        );
     }
     assert_eq!(
         tb.wait_final(&valid.deployment_id, &mut daemon).await.statuses(),
         ["BUILDING", "BUILDED"]
     );
+    assert!(!daemon.output().contains("pasted-into-the-name"), "{}", daemon.output());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -367,4 +373,30 @@ async fn a_git_server_that_never_answers_is_cut_by_timeout_cancel_and_shutdown()
     let status = daemon.wait_exit().await;
     assert!(status.success(), "{status:?}\n{}", daemon.output());
     assert_eq!(tb.lrange(&daemon.queue).await, [interrupted.payload()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dockerignore_linked_to_a_file_of_the_repository_is_followed() {
+    let tb = Testbed::load();
+    let repo = tb.new_repo("ignore-link");
+    let marker = tb.unique("ignore-link");
+    repo.write(
+        "Dockerfile",
+        &format!(
+            "FROM local/busybox:latest\nCOPY . /app\nRUN test ! -e /app/secret.txt && echo secret-left-out-{marker}\n"
+        ),
+    )
+    .write("config/docker-ignore", "secret.txt\n")
+    .symlink(".dockerignore", "config/docker-ignore")
+    .write("secret.txt", "not for the image\n")
+    .write("app.txt", "kept\n")
+    .commit("shared ignore rules");
+    let mut daemon = tb.start_daemon(&[]);
+    let job = tb.job(&repo, json!({}));
+    tb.rpush(&daemon.queue, &job.payload()).await;
+    let dash = tb.wait_final(&job.deployment_id, &mut daemon).await;
+    assert_eq!(dash.statuses(), ["BUILDING", "BUILDED"], "{:#?}", dash.calls);
+    dash.assert_in_order(&[&format!("secret-left-out-{marker}")]);
+    let uri = dash.final_status()["data"]["containerImageUri"].as_str().unwrap();
+    assert_eq!(tb.read_file_in_image(uri, "/app/app.txt"), "kept\n");
 }

@@ -411,6 +411,14 @@ impl FixtureRepo {
         self
     }
 
+    /// A symbolic link at `path` to `target`, as git stores one.
+    pub fn symlink(&self, path: &str, target: &str) -> &Self {
+        let link = self.work.path().join(path);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, link).unwrap();
+        self
+    }
+
     /// Commits everything and pushes `main`; returns the commit id.
     pub fn commit(&self, message: &str) -> String {
         git(self.work.path(), &["add", "-A"]);
