@@ -22,8 +22,16 @@ fn quote(value: &str) -> String {
     if !value.contains('\'') && !value.contains('\\') {
         return format!("'{value}'");
     }
+    format!("\"{}\"", escaped(value))
+}
+
+/// The value as `.env` holds it between its quotes: as it is in single
+/// quotes, escaped in double quotes. The masker knows this form too.
+pub fn escaped(value: &str) -> String {
+    if !value.contains('\'') && !value.contains('\\') {
+        return value.to_owned();
+    }
     let mut out = String::with_capacity(value.len() + 2);
-    out.push('"');
     for c in value.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -33,7 +41,6 @@ fn quote(value: &str) -> String {
             c => out.push(c),
         }
     }
-    out.push('"');
     out
 }
 

@@ -94,6 +94,11 @@ impl<'de> Deserialize<'de> for Routing {
     }
 }
 
+/// How many environment variables a job may have, and how large they may
+/// be together: each is also a build secret and a pattern of the masker.
+pub const MAX_ENV_VARS: usize = 1000;
+pub const MAX_ENV_BYTES: usize = 1024 * 1024;
+
 const ID_RULE: &str =
     "must be a non-empty string of at most 256 bytes, without control characters, and not \".\" or \"..\"";
 
@@ -268,8 +273,28 @@ impl Job {
                 )
             })?,
         };
+        let variables = self.environment_variables.unwrap_or_default();
+        if variables.len() > MAX_ENV_VARS {
+            return Err(InvalidJob::new(
+                "environmentVariables",
+                format!(
+                    "{} variables, more than the {MAX_ENV_VARS} a build takes",
+                    variables.len()
+                ),
+            ));
+        }
+        let size: usize = variables
+            .iter()
+            .map(|v| v.key.len() + v.value.as_ref().map_or(0, |value| value.expose().len()))
+            .sum();
+        if size > MAX_ENV_BYTES {
+            return Err(InvalidJob::new(
+                "environmentVariables",
+                format!("{size} bytes of names and values, more than the {MAX_ENV_BYTES} a build takes"),
+            ));
+        }
         let mut env = Vec::new();
-        for (i, var) in self.environment_variables.unwrap_or_default().into_iter().enumerate() {
+        for (i, var) in variables.into_iter().enumerate() {
             if !is_env_key(&var.key) {
                 // Not quoted: a value pasted where the name goes is still
                 // a secret.
@@ -633,6 +658,16 @@ mod tests {
                 "environmentVariables[0].key",
             ),
             (serde_json::json!({"ports": "eighty"}), "ports"),
+            (
+                serde_json::json!({"environmentVariables": (0..=MAX_ENV_VARS)
+                    .map(|i| serde_json::json!({"key": format!("V{i}"), "value": "x"}))
+                    .collect::<Vec<_>>()}),
+                "environmentVariables",
+            ),
+            (
+                serde_json::json!({"environmentVariables": [{"key": "BIG", "value": "x".repeat(MAX_ENV_BYTES)}]}),
+                "environmentVariables",
+            ),
             (
                 serde_json::json!({"ports": [{"containerPort": 70000}]}),
                 "ports[0].containerPort",

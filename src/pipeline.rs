@@ -98,7 +98,14 @@ tokio::task_local! {
 
 async fn run_in_span(services: &Services, spec: BuildSpec, control: JobControl) -> Finished {
     let started = Instant::now();
-    let redactor = spec.redactor();
+    // Up to a megabyte of secrets, each in several forms: built off the
+    // async threads, which the heartbeat and the other jobs need.
+    let redactor = {
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || spec.redactor())
+            .await
+            .expect("building the secret masker panicked")
+    };
     tracing::info!(source = %spec.describe(), "job started");
     let building = StatusReport {
         status: Status::Building,

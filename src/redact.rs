@@ -3,7 +3,14 @@
 //! them back. Every line shipped to the dashboard and every error message
 //! goes through a [`Redactor`] built from the job.
 
+use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use base64::Engine as _;
+
+use crate::envfile;
 
 /// Text shorter than this is not masked: masking `1` or `true` everywhere in
 /// a build log would destroy the log and protect nothing.
@@ -37,54 +44,59 @@ impl fmt::Display for Secret {
     }
 }
 
-/// Replaces every known secret in a text by `***`.
+/// Replaces every known secret in a text by `***`, in one pass over the
+/// text whatever the number of secrets (Aho-Corasick, longest match first,
+/// so a secret containing another is masked whole). Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Redactor {
-    /// Longest first, so that a secret containing another is masked whole.
-    secrets: Vec<Secret>,
+    matcher: Option<Arc<AhoCorasick>>,
 }
 
 impl Redactor {
+    /// Masks each secret as it is and in the forms tools echo it back in:
+    /// percent-encoded (inside a URL), escaped as the builder writes it to
+    /// `.env`, base64-encoded, and each of its lines.
     pub fn new<I, S>(secrets: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let mut redactor = Redactor::default();
+        let mut forms = HashSet::new();
         for secret in secrets {
-            redactor.add(secret.as_ref());
-        }
-        redactor
-    }
-
-    /// Adds a secret, and its percent-encoded form, which is how a password
-    /// appears inside a URL that a tool echoes back.
-    pub fn add(&mut self, secret: &str) {
-        if secret.len() < MIN_SECRET_LEN {
-            return;
-        }
-        for form in [secret.to_owned(), percent_encode(secret)] {
-            if !self.secrets.iter().any(|s| s.expose() == form) {
-                self.secrets.push(Secret(form));
+            let secret = secret.as_ref();
+            if secret.len() < MIN_SECRET_LEN {
+                continue;
             }
+            forms.insert(secret.to_owned());
+            forms.insert(percent_encode(secret));
+            forms.insert(envfile::escaped(secret));
+            forms.insert(base64::engine::general_purpose::STANDARD.encode(secret));
+            forms.extend(secret.lines().filter(|l| l.len() >= MIN_SECRET_LEN).map(str::to_owned));
         }
-        self.secrets.sort_by_key(|s| std::cmp::Reverse(s.expose().len()));
-        for line in secret.lines().filter(|l| l.len() >= MIN_SECRET_LEN) {
-            if line != secret && !self.secrets.iter().any(|s| s.expose() == line) {
-                self.secrets.push(Secret(line.to_owned()));
-            }
+        if forms.is_empty() {
+            return Redactor::default();
         }
-        self.secrets.sort_by_key(|s| std::cmp::Reverse(s.expose().len()));
+        let matcher = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(forms)
+            .expect("an automaton of plain strings is always built");
+        Redactor {
+            matcher: Some(Arc::new(matcher)),
+        }
     }
 
     pub fn redact(&self, text: &str) -> String {
-        let mut out = text.to_owned();
-        for secret in &self.secrets {
-            if out.contains(secret.expose()) {
-                out = out.replace(secret.expose(), MASK);
+        match &self.matcher {
+            None => text.to_owned(),
+            Some(matcher) => {
+                let mut out = String::with_capacity(text.len());
+                matcher.replace_all_with(text, &mut out, |_, _, out| {
+                    out.push_str(MASK);
+                    true
+                });
+                out
             }
         }
-        out
     }
 }
 
@@ -123,6 +135,24 @@ mod tests {
     fn multi_line_secret_is_masked_line_by_line_too() {
         let r = Redactor::new(["-----BEGIN KEY-----\nMIIEvQIBADANBg\n-----END KEY-----"]);
         assert_eq!(r.redact("line MIIEvQIBADANBg here"), "line *** here");
+    }
+
+    #[test]
+    fn the_forms_the_builder_and_tools_write_are_masked() {
+        let r = Redactor::new(["pa'ss$w0rd"]);
+        // As the builder writes it to .env, and as `base64` prints it.
+        assert_eq!(r.redact(r#"DB="pa'ss\$w0rd""#), r#"DB="***""#);
+        assert_eq!(r.redact("cGEnc3MkdzByZA=="), "***");
+    }
+
+    #[test]
+    fn a_hundred_thousand_secrets_are_one_pass() {
+        let secrets: Vec<String> = (0..100_000).map(|i| format!("value-{i:06}-of-a-secret")).collect();
+        let r = Redactor::new(&secrets);
+        assert_eq!(
+            r.redact("a value-099999-of-a-secret and value-000000-of-a-secret"),
+            "a *** and ***"
+        );
     }
 
     #[test]

@@ -201,6 +201,12 @@ async fn each_kind_of_invalid_job_fails_naming_the_field() {
             "ports[0].containerPort",
         ),
         (
+            json!({"environmentVariables": (0..1001)
+                .map(|i| json!({"key": format!("VAR_{i}"), "value": format!("value-{i}")}))
+                .collect::<Vec<_>>()}),
+            "environmentVariables: 1001 variables, more than the 1000 a build takes",
+        ),
+        (
             json!({"branch": "no-such-branch"}),
             "branch \"no-such-branch\" not found",
         ),
