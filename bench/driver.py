@@ -61,6 +61,16 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------- helpers
 
 
+def cached_steps(lines: list[str]) -> int:
+    """Steps the build took from cache: the classic builder's "Using
+    cache", BuildKit's `#N CACHED`, leaving out BuildKit's FROM steps,
+    which read as cached whenever the base image is local."""
+    base = {m.group(1) for line in lines if (m := re.match(r"#(\d+) \[.*\] FROM ", line))}
+    return sum(1 for line in lines
+               if "Using cache" in line
+               or ((m := re.fullmatch(r"#(\d+) CACHED", line)) and m.group(1) not in base))
+
+
 def run(cmd: list[str], *, cwd: str | Path | None = None, timeout: float = 600,
         check: bool = True, env: dict[str, str] | None = None, stdout: Any = subprocess.PIPE,
         input_bytes: bytes | None = None) -> subprocess.CompletedProcess:
@@ -877,7 +887,7 @@ class Bench:
             rss_max_kib=rss.max_kib,
             calls=len(calls),
             log_lines=len(lines),
-            cache_hits=sum(1 for line in lines if "Using cache" in line or line.endswith(" CACHED")),
+            cache_hits=cached_steps(lines),
             git_bytes=git_bytes,
             git_requests=git_reqs,
             image=image,
