@@ -190,7 +190,7 @@ impl Dashboard {
                             last = format!("HTTP {status}");
                         }
                         _ => {
-                            let body = resp.text().await.unwrap_or_default();
+                            let body = body_prefix(resp).await;
                             return Err(ReportError::Rejected {
                                 status,
                                 body: body.chars().take(200).collect(),
@@ -222,6 +222,21 @@ fn describe_transport_error(e: &reqwest::Error) -> String {
         // reqwest's Display includes the URL, which holds no secret.
         e.to_string()
     }
+}
+
+/// How much of an error answer's body is read: its first 200 characters
+/// are kept, and a body of any size must not be held whole for them.
+const MAX_ERROR_BODY: usize = 4096;
+
+async fn body_prefix(mut resp: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(MAX_ERROR_BODY - body.len())]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// Limits of one log call and of one build's whole output.

@@ -28,7 +28,7 @@ Test-control endpoints (not part of the contract)::
     GET  /_testbed/health                    -> 200 {"ok":true}
     GET  /_testbed/calls[?deploymentId=X]    -> JSON array of recorded calls
     POST /_testbed/fail   {"deploymentId": "X", "count": N,
-                           "status": 500, "delaySeconds": 0}
+                           "status": 500, "delaySeconds": 0, "bodyBytes": 0}
     POST /_testbed/reset  [{"deploymentId": "X"}]
 
   ``fail``: the next ``count`` contract calls for X (default 1) are answered
@@ -36,7 +36,8 @@ Test-control endpoints (not part of the contract)::
   ``delaySeconds`` > 0 and ``status`` is omitted or null, the calls are only
   delayed and then handled normally (to simulate a slow API / client
   timeouts); with no delay, ``status`` defaults to 500. Several ``fail``
-  rules for one deployment queue up in order. Fault injection happens before
+  rules for one deployment queue up in order. ``bodyBytes`` makes an
+  injected answer carry that many bytes of body. Fault injection happens before
   any validation, so an injected call is answered with the injected status
   whatever its content.
 
@@ -94,6 +95,7 @@ class FailRule:
     remaining: int
     status: int | None
     delay_seconds: float
+    body_bytes: int = 0
 
 
 class Store:
@@ -299,6 +301,19 @@ class DashboardHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_large(self, code: int, size: int) -> None:
+        """An answer whose body is `size` bytes of text, streamed."""
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        chunk = b"x" * 65536
+        sent = 0
+        while sent < size:
+            part = chunk[: min(len(chunk), size - sent)]
+            self.wfile.write(part)
+            sent += len(part)
+
     def send_response(self, code: int, message: str | None = None) -> None:
         super().send_response(code, message)
         # Lets testbed/up check that the answer comes from the process it started.
@@ -379,6 +394,9 @@ class DashboardHandler(BaseHTTPRequestHandler):
         note = "" if code == 200 else f" -> {code}" + (" (injected)" if injected else f" {payload.get('error')}")
         console(f"{deployment_id} {summary}{note}")
         try:
+            if injected and rule is not None and rule.body_bytes:
+                self._send_large(code, rule.body_bytes)
+                return
             self._send_json(code, payload)
         except (BrokenPipeError, ConnectionResetError):
             # The client gave up (e.g. its timeout fired during a delay).
@@ -422,6 +440,10 @@ class DashboardHandler(BaseHTTPRequestHandler):
         count = req.get("count", 1)
         delay = req.get("delaySeconds", 0) or 0
         status = req.get("status")
+        body_bytes = req.get("bodyBytes", 0)
+        if not isinstance(body_bytes, int) or body_bytes < 0:
+            self._send_json(400, {"error": "bodyBytes must be a non-negative integer"})
+            return
         if not isinstance(deployment_id, str) or not deployment_id:
             self._send_json(400, {"error": "deploymentId (string) is required"})
             return
@@ -436,7 +458,7 @@ class DashboardHandler(BaseHTTPRequestHandler):
         if status is not None and (not isinstance(status, int) or not 100 <= status <= 599):
             self._send_json(400, {"error": "status must be an HTTP status code"})
             return
-        self.store.add_rule(deployment_id, FailRule(count, status, float(delay)))
+        self.store.add_rule(deployment_id, FailRule(count, status, float(delay), body_bytes))
         console(f"== fault rule: next {count} call(s) for {deployment_id} -> "
                 f"{status if status is not None else 'normal'}"
                 f"{f' after {delay}s' if delay else ''}")

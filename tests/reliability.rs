@@ -386,6 +386,35 @@ async fn fail_next_calls(tb: &Testbed, deployment_id: &str, count: u32, status: 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_huge_error_answer_from_the_dashboard_is_not_read_whole() {
+    let tb = Testbed::load();
+    let repo = tb.new_repo("huge-answer");
+    repo.write("Dockerfile", "FROM local/busybox:latest\nCOPY . /app\n")
+        .commit("c");
+    let mut daemon = tb.start_daemon(&[]);
+    let job = tb.job(&repo, json!({}));
+    // BUILDING is answered 400 with 256 MiB of body.
+    let url = format!("{}/_testbed/fail", tb.get("TESTBED_DASHBOARD_URL"));
+    let resp = reqwest::Client::new()
+        .post(url)
+        .json(&json!({ "deploymentId": job.deployment_id, "status": 400, "bodyBytes": 256u64 << 20 }))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    tb.rpush(&daemon.queue, &job.payload()).await;
+    let dash = tb.wait_final(&job.deployment_id, &mut daemon).await;
+    assert_eq!(dash.statuses(), ["BUILDING", "BUILDED"], "{:#?}", dash.calls);
+    assert!(
+        daemon.output().contains("could not report BUILDING"),
+        "{}",
+        daemon.output()
+    );
+    let peak = daemon.peak_memory_kib();
+    assert!(peak < 128 * 1024, "peak memory {peak} KiB: the body was read whole");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_failing_dashboard_is_retried_and_never_fails_the_build() {
     let tb = Testbed::load();
     let repo = tb.new_repo("flaky-dashboard");
