@@ -13,7 +13,8 @@
 //! `--env-file` in the temp directory instead, removed when pack is done.
 //! pack reads that file by splitting it on newlines and trimming each line,
 //! so a value holding a newline, or starting or ending with white space,
-//! cannot be written there; only such values are passed as `--env` (the
+//! cannot be written there; only such values are passed as `--env KEY`, with
+//! the value in pack's own environment, which only its user can read (the
 //! output of the build is still masked by the [`LogSink`]'s redactor).
 
 use std::ffi::OsString;
@@ -160,9 +161,10 @@ pub async fn build(req: &PackRequest, log: &LogSink, cancel: &CancellationToken)
     ));
 
     let mut child = Command::new(&req.pack_bin)
-        .args(arguments(req, env_file.as_ref().map(EnvFile::path), &plan.argv))
+        .args(arguments(req, env_file.as_ref().map(EnvFile::path), &plan.flags()))
         .env_clear()
         .envs(inherited_env())
+        .envs(plan.environ.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -254,9 +256,13 @@ fn spawn_error(bin: &str, source: io::Error) -> PackError {
     }
 }
 
-/// Which variables go to the env file and which, as `KEY=VALUE`, to argv.
+/// How each variable reaches pack: in the env file; by name (`--env KEY`)
+/// with its value in pack's own environment, which only pack's user can
+/// read; or, for the few names pack's own environment already uses
+/// (`PATH`, `DOCKER_HOST`, ...), as `KEY=VALUE` on the command line.
 struct EnvPlan<'a> {
     file: Vec<(&'a str, &'a str)>,
+    environ: Vec<(&'a str, &'a str)>,
     argv: Vec<String>,
     port_overridden: bool,
 }
@@ -265,6 +271,7 @@ impl<'a> EnvPlan<'a> {
     fn new(env: &'a [(String, Secret)]) -> Self {
         let mut plan = EnvPlan {
             file: Vec::new(),
+            environ: Vec::new(),
             argv: Vec::new(),
             port_overridden: false,
         };
@@ -274,11 +281,19 @@ impl<'a> EnvPlan<'a> {
                 plan.port_overridden = true;
             } else if fits_env_file(value) {
                 plan.file.push((key, value));
+            } else if !is_inherited(key) {
+                plan.environ.push((key, value));
             } else {
                 plan.argv.push(format!("{key}={value}"));
             }
         }
         plan
+    }
+
+    /// The `--env` arguments other than the file and PORT.
+    fn flags(&self) -> Vec<String> {
+        let by_name = self.environ.iter().map(|(key, _)| (*key).to_owned());
+        by_name.chain(self.argv.iter().cloned()).collect()
     }
 }
 
@@ -406,6 +421,10 @@ impl Drop for ProcessGroup {
 /// seeing; only what a CLI needs to find its tools, the Docker Engine and a
 /// proxy is passed on.
 fn inherited_env() -> impl Iterator<Item = (OsString, OsString)> {
+    std::env::vars_os().filter(|(name, _)| name.to_str().is_some_and(is_inherited))
+}
+
+fn is_inherited(name: &str) -> bool {
     const PASSED: &[&str] = &[
         "PATH",
         "HOME",
@@ -423,10 +442,7 @@ fn inherited_env() -> impl Iterator<Item = (OsString, OsString)> {
         "https_proxy",
         "no_proxy",
     ];
-    std::env::vars_os().filter(|(name, _)| {
-        name.to_str()
-            .is_some_and(|n| PASSED.contains(&n) || n.starts_with("DOCKER_") || n.starts_with("PACK_"))
-    })
+    PASSED.contains(&name) || name.starts_with("DOCKER_") || name.starts_with("PACK_")
 }
 
 /// Whether the signal was delivered: false when the group is gone already
@@ -520,10 +536,11 @@ mod tests {
         };
         let plan = EnvPlan::new(&req.env);
         assert_eq!(plan.file, [("NODE_ENV", "production")]);
-        assert_eq!(plan.argv, ["CERT=line1\nline2"]);
+        assert_eq!(plan.environ, [("CERT", "line1\nline2")]);
+        assert!(plan.argv.is_empty());
         assert!(plan.port_overridden);
 
-        let args: Vec<String> = arguments(&req, Some(Path::new("/tmp/env")), &plan.argv)
+        let args: Vec<String> = arguments(&req, Some(Path::new("/tmp/env")), &plan.flags())
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -545,7 +562,7 @@ mod tests {
                 "--env-file",
                 "/tmp/env",
                 "--env",
-                "CERT=line1\nline2",
+                "CERT",
                 "--env",
                 "PORT=3000",
             ]
