@@ -49,5 +49,6 @@ pub mod queue;
 pub mod redact;
 pub mod registry;
 pub mod systemd;
+pub mod task;
 pub mod worker;
 pub mod workspace;

@@ -21,6 +21,7 @@ use crate::job::{short, BuildSpec};
 use crate::metrics::Metrics;
 use crate::redact::Redactor;
 use crate::registry::ecr::{self, Ecr, PushCredentials};
+use crate::task::AbortOnDrop;
 use crate::workspace;
 
 /// What every job needs; cheap to clone.
@@ -467,16 +468,6 @@ enum CachePull {
     },
 }
 
-/// A task that ends when its handle is dropped: a pull for a build that
-/// turned out to need none (buildpacks) or that failed first.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 impl CachePull {
     fn start(services: &Services, spec: &BuildSpec, repo_uri: &str, credentials: &PushCredentials) -> CachePull {
         if !services.cache.enabled {
@@ -488,7 +479,7 @@ impl CachePull {
         let docker = services.docker.clone();
         let (repo, credentials) = (repo_uri.to_owned(), credentials.clone());
         let cache_tag = cache::cache_tag(&spec.service_id);
-        let task = tokio::spawn(async move {
+        let task = AbortOnDrop::spawn(async move {
             tokio::time::timeout(cache::PULL_TIMEOUT, async {
                 // The classic builder finds its kept image by itself.
                 if !docker.uses_buildkit() && docker.image_exists(&cache_tag).await.unwrap_or(true) {
@@ -500,7 +491,7 @@ impl CachePull {
         });
         CachePull::Pulling {
             image: format!("{repo_uri}:latest"),
-            task: AbortOnDrop(task),
+            task,
         }
     }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::Testbed;
+use common::{docker_with_config, Testbed};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -174,17 +174,7 @@ async fn a_private_base_image_is_pulled_with_the_operators_docker_login() {
     // pushed with it and is not on the Engine afterwards.
     let docker_config = tempfile::tempdir().unwrap();
     let docker = |args: &[&str]| {
-        let out = std::process::Command::new("docker")
-            .arg("--config")
-            .arg(docker_config.path())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "docker {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        docker_with_config(docker_config.path(), args);
     };
     docker(&[
         "login",

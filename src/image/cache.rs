@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::RwLock;
 
-use super::docker::Engine;
+use super::docker::{Engine, ImageError};
 
 /// The local repository of kept images, one tag per service.
 pub const CACHE_REPOSITORY: &str = "deployra-cache";
@@ -111,10 +111,7 @@ pub async fn enforce_budget(engine: &Engine, config: &CacheConfig, disk: &RwLock
             Some(age) => format!("build cache unused for {age}"),
             None => "build cache".to_owned(),
         };
-        match engine.prune_build_cache(unused_for).await {
-            Ok(bytes) => tracing::info!(what, freed_bytes = bytes, "pruned"),
-            Err(e) => tracing::warn!(what, error = %e, "pruning failed"),
-        }
+        log_pruned(&what, engine.prune_build_cache(unused_for).await);
     }
     if !short() {
         return;
@@ -138,7 +135,12 @@ pub async fn enforce_budget(engine: &Engine, config: &CacheConfig, disk: &RwLock
 }
 
 async fn prune(engine: &Engine, what: &str) {
-    match engine.prune_dangling().await {
+    log_pruned(what, engine.prune_dangling().await);
+}
+
+/// One journal line per prune: what, and how much it freed.
+fn log_pruned(what: &str, result: Result<u64, ImageError>) {
+    match result {
         Ok(bytes) => tracing::info!(what, freed_bytes = bytes, "pruned"),
         Err(e) => tracing::warn!(what, error = %e, "pruning failed"),
     }

@@ -22,7 +22,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::task::JoinHandle;
+
+use crate::task::AbortOnDrop;
 
 /// Where the Engine listens, read as Docker reads `DOCKER_HOST`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,14 +60,8 @@ impl EngineAddress {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// Ends the connection's task, and so closes it, when dropped.
-pub struct Connection(JoinHandle<()>);
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+/// The task driving a connection: dropping it closes the connection.
+pub type Connection = AbortOnDrop<()>;
 
 /// The Engine's API, at the version negotiated with it.
 #[derive(Clone, Debug)]
@@ -90,9 +85,9 @@ impl EngineApi {
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(io::Error::other)?;
-        let connection = Connection(tokio::spawn(async move {
+        let connection = AbortOnDrop::spawn(async move {
             let _ = connection.with_upgrades().await;
-        }));
+        });
         let response = sender.send_request(request).await.map_err(io::Error::other)?;
         Ok((response, connection))
     }

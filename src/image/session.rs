@@ -36,12 +36,12 @@ use bollard::moby::filesync::v1::{
 };
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::task::JoinHandle;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
 use super::engine_conn::EngineApi;
 use crate::redact::Secret;
+use crate::task::AbortOnDrop;
 
 /// The methods this session serves, as the Engine is told of them.
 const METHODS: [&str; 3] = [
@@ -57,15 +57,7 @@ const MAX_SECRET: usize = 500 * 1024;
 pub type BuildSecrets = Arc<HashMap<String, Secret>>;
 
 /// A running session; dropping it ends it.
-pub struct Session {
-    server: JoinHandle<()>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
+pub type Session = AbortOnDrop<()>;
 
 /// Opens the session `id` on the Engine and serves it until dropped.
 pub async fn start(
@@ -81,12 +73,11 @@ pub async fn start(
         .add_service(SecretsServer::new(JobSecrets(secrets)))
         .add_service(AuthServer::new(OperatorAuth(registries)));
     let incoming = futures_util::stream::iter([Ok::<_, io::Error>(SessionIo(connection))]);
-    let server = tokio::spawn(async move {
+    Ok(AbortOnDrop::spawn(async move {
         if let Err(e) = router.serve_with_incoming(incoming).await {
             tracing::debug!(error = %e, "the BuildKit session ended with an error");
         }
-    });
-    Ok(Session { server })
+    }))
 }
 
 /// The upgraded `/session` connection, as tonic's server takes one.

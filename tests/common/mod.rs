@@ -356,20 +356,7 @@ impl Testbed {
     /// command to run against it, then removes it again.
     fn with_pulled<T>(&self, image: &str, inspect: impl FnOnce(&dyn Fn(&[&str]) -> Vec<u8>) -> T) -> T {
         let config = tempfile::tempdir().unwrap();
-        let docker = |args: &[&str]| {
-            let out = Command::new("docker")
-                .arg("--config")
-                .arg(config.path())
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "docker {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            out.stdout
-        };
+        let docker = |args: &[&str]| docker_with_config(config.path(), args);
         docker(&[
             "login",
             "-u",
@@ -445,6 +432,23 @@ impl FixtureRepo {
 
 /// Containers (running or not) whose command contains `marker`: a build
 /// step of ours that the engine still has.
+/// Runs the docker CLI with its own config directory (its logins); fails
+/// the test when the command fails, and gives its standard output.
+pub fn docker_with_config(config: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new("docker")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 pub fn containers_with(marker: &str) -> Vec<String> {
     let out = Command::new("docker")
         .args(["ps", "-a", "--no-trunc", "--format", "{{.ID}} {{.Command}}"])
